@@ -1,0 +1,126 @@
+"""The `stream-app` command. Settings come from PROFILE_* environment variables (see README)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+
+def _cmd_broker(args: argparse.Namespace) -> int:
+    from stream_app.embedded_broker import EmbeddedBroker
+
+    broker = EmbeddedBroker(port=args.port, host=args.host).start()
+    print(f"embedded broker on {broker.bootstrap}; export PROFILE_BROKER_URL={broker.url} "
+          f"PROFILE_EMBEDDED_BROKER=true", flush=True)
+    stop = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        while not stop and broker.running:
+            time.sleep(0.2)
+    finally:
+        broker.stop()
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from stream_app.worker import run_worker
+
+    run_worker()
+    return 0
+
+
+def _cmd_produce(args: argparse.Namespace) -> int:
+    from stream_app.kafka_clients import ensure_topics
+    from stream_app.producer import produce_file
+    from stream_app.settings import get_settings
+
+    settings = get_settings()
+    asyncio.run(ensure_topics(settings))
+    report = asyncio.run(produce_file(Path(args.file), settings, topic_override=args.topic,
+                                      progress=not args.quiet))
+    print(f"sent {report.sent} events {report.by_topic}; skipped {len(report.unroutable)} unroutable lines")
+    return 0 if not report.unroutable else 1
+
+
+def _cmd_snapshot(args: argparse.Namespace) -> int:
+    from stream_app.settings import get_settings
+    from stream_app.subscriber import ProfileReplicas, read_deltas
+
+    replicas = ProfileReplicas().apply_all(asyncio.run(read_deltas(get_settings())))
+    for view in replicas.views(args.at):
+        sys.stdout.write(orjson.dumps(view).decode() + "\n")
+    if replicas.gaps:
+        print(f"warning: {len(replicas.gaps)} version gaps, e.g. {replicas.gaps[:3]}", file=sys.stderr)
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from stream_app.sample_data import sample_events
+
+    events = sample_events(customers=args.customers)
+    Path(args.out).write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in events))
+    print(f"wrote {len(events)} events to {args.out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from stream_app.demo import run_demo
+
+    return run_demo(customers=args.customers)
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="stream-app", description=__doc__)
+    commands = root.add_subparsers(dest="command", required=True)
+
+    broker = commands.add_parser("broker", help="run the embedded Kafka-compatible broker in the foreground")
+    broker.add_argument("--port", type=int, default=9092)
+    broker.add_argument("--host", default="127.0.0.1")
+    broker.set_defaults(func=_cmd_broker)
+
+    worker = commands.add_parser("worker", help="run a profile worker (Faust)")
+    worker.set_defaults(func=_cmd_worker)
+
+    produce = commands.add_parser("produce", help="publish JSONL events to their topics")
+    produce.add_argument("file")
+    produce.add_argument("--topic", help="send every line to this topic instead of routing by type")
+    produce.add_argument("--quiet", action="store_true", help="no progress bar")
+    produce.set_defaults(func=_cmd_produce)
+
+    snapshot = commands.add_parser("snapshot", help="rebuild profiles from profile-deltas, one JSON line each")
+    snapshot.add_argument("--at", type=float, default=None, help="age values to this epoch time (seconds)")
+    snapshot.set_defaults(func=_cmd_snapshot)
+
+    sample = commands.add_parser("sample", help="write sample events derived from real data (see README)")
+    sample.add_argument("--customers", type=int, default=50)
+    sample.add_argument("--out", default="sample-events.jsonl")
+    sample.set_defaults(func=_cmd_sample)
+
+    demo = commands.add_parser("demo", help="embedded broker + worker + sample events, end to end")
+    demo.add_argument("--customers", type=int, default=40)
+    demo.set_defaults(func=_cmd_demo)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command != "worker":
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""`stream-app demo`: embedded broker + worker + real sample events, profiles and deltas on screen."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from stream_app.embedded_broker import EmbeddedBroker
+from stream_app.producer import produce_file
+from stream_app.sample_data import sample_events
+from stream_app.settings import Settings
+from stream_app.subscriber import ProfileReplicas, read_deltas
+
+
+def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    log = log_path.open("ab")
+    try:
+        return subprocess.Popen(  # noqa: S603 - our own console entry point
+            [sys.executable, "-m", "stream_app.cli", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    finally:
+        log.close()
+
+
+def stop_worker(process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def wait_for_events(
+    settings: Settings, event_ids: set[str], timeout_s: float, worker: subprocess.Popen[bytes] | None = None
+) -> list[dict[str, Any]]:
+    """Read deltas until every event id has been counted by some delta."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        deltas = await read_deltas(settings)
+        covered = {eid for d in deltas for eid in d["event_ids"]}
+        if event_ids <= covered:
+            return deltas
+        if worker is not None and worker.poll() is not None:
+            raise RuntimeError(f"worker exited with {worker.returncode}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(event_ids - covered)} of {len(event_ids)} events have no delta after {timeout_s} s")
+        await asyncio.sleep(0.5)
+
+
+def _short(profile: dict[str, Any]) -> dict[str, Any]:
+    shown = dict(profile)
+    for name in ("interests", "keywords"):
+        shown[name] = {k: round(v, 4) for k, v in list(profile[name].items())[:5]}
+    shown["activity"] = {k: round(v, 4) for k, v in profile["activity"].items()}
+    if profile["embedding"] is not None:
+        shown["embedding"] = [round(x, 4) for x in profile["embedding"][:4]] + ["..."]
+    return shown
+
+
+def run_demo(customers: int = 40) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="stream-app-demo-"))
+    with EmbeddedBroker() as broker:
+        env = dict(os.environ)
+        env.update({
+            "PROFILE_BROKER_URL": broker.url,
+            "PROFILE_EMBEDDED_BROKER": "true",
+            "PROFILE_APP_ID": "profiles-demo",
+            "PROFILE_DATA_DIR": str(workdir / "faust"),
+        })
+        settings = Settings(broker_url=broker.url, embedded_broker=True, app_id="profiles-demo")
+        print(f"embedded broker (Tansu) on {broker.bootstrap}")
+        events = sample_events(customers=customers)
+        sample = workdir / "sample-events.jsonl"
+        sample.write_bytes(b"\n".join(orjson.dumps(e) for e in events) + b"\n")
+        from stream_app.kafka_clients import ensure_topics
+
+        asyncio.run(ensure_topics(settings))
+        print(f"producing {len(events)} events of {customers} CDNOW customers (see README: sample data)")
+        asyncio.run(produce_file(sample, settings, progress=True))
+
+        started = time.monotonic()
+        worker = start_worker(env, workdir / "worker.log")
+        try:
+            first = asyncio.run(_first_delta(settings, worker, timeout_s=120))
+            print(f"worker: first delta {first - started:.1f} s after start (includes group join)")
+            deltas = asyncio.run(wait_for_events(settings, {e["event_id"] for e in events}, 180, worker))
+            print(f"worker: all {len(events)} events in profiles after {time.monotonic() - started:.1f} s, "
+                  f"{len(deltas)} deltas\n")
+        finally:
+            stop_worker(worker)
+    print("== three deltas from topic profile-deltas (stored values relative to 'landmark') ==")
+    for delta in deltas[:3]:
+        print(orjson.dumps(delta).decode()[:400])
+    replicas = ProfileReplicas().apply_all(deltas)
+    print(f"\n== profiles rebuilt from deltas: {len(replicas.profiles)} users, first three ==")
+    for view in list(replicas.views())[:3]:
+        print(orjson.dumps(_short(view), option=orjson.OPT_INDENT_2).decode())
+    print(f"\nlogs and sample file: {workdir}")
+    return 0
+
+
+async def _first_delta(settings: Settings, worker: subprocess.Popen[bytes], timeout_s: float) -> float:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await read_deltas(settings):
+            return time.monotonic()
+        if worker.poll() is not None:
+            raise RuntimeError(f"worker exited with {worker.returncode}")
+        await asyncio.sleep(0.2)
+    raise TimeoutError("no delta from the worker")

@@ -1,0 +1,86 @@
+"""The one settings class of the engine: every knob is a `PROFILE_*` environment variable."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SEVEN_DAYS_S = 7 * 24 * 3600.0
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PROFILE_", extra="ignore")
+
+    # -- Kafka -----------------------------------------------------------------------------------------
+    broker_url: str = Field("kafka://127.0.0.1:9092", description="Faust broker URL(s), `;`-separated")
+    embedded_broker: bool = Field(
+        False,
+        description="True when the broker is the embedded Tansu binary; turns on stream_app.tansu_workarounds",
+    )
+    app_id: str = "user-profiles"
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+
+    # -- Topics ----------------------------------------------------------------------------------------
+    topic_clicks: str = "clicks"
+    topic_searches: str = "searches"
+    topic_reviews: str = "reviews"
+    topic_dead_letters: str = "dead-letters"
+    topic_deltas: str = "profile-deltas"
+    input_partitions: int = Field(4, ge=1, description="partitions of the input topics when we create them")
+    partitions: int = Field(4, ge=1, description="partitions of the by-user topic, the table and the deltas")
+    replication_factor: int = Field(1, ge=1)
+
+    # -- Profile semantics -----------------------------------------------------------------------------
+    half_life_s: float = Field(SEVEN_DAYS_S, gt=0)
+    weight_click: float = Field(1.0, ge=0)
+    weight_search: float = Field(2.0, ge=0)
+    weight_review: float = Field(3.0, ge=0)
+    top_k: int = Field(50, ge=1, description="interests/keywords kept per user (see README: top-K pruning)")
+    dedup_window: int = Field(512, ge=1, description="event ids remembered per user for de-duplication")
+    redelivery_window: int = Field(8, ge=1, description="recent deltas kept per user for re-emission")
+
+    # -- Input limits ----------------------------------------------------------------------------------
+    max_event_bytes: int = Field(64 * 1024, ge=256)
+    max_text_chars: int = Field(10_000, ge=1)
+
+    # -- Processing ------------------------------------------------------------------------------------
+    batch_max: int = Field(2000, ge=1, description="events per micro-batch of the profile agent")
+    batch_within_s: float = Field(0.05, gt=0, description="longest wait to fill a micro-batch")
+    web_port: int = Field(6066, ge=0)
+    web_enabled: bool = False
+    data_dir: str = Field(".faust-data", description="Faust's data directory (table state, offsets)")
+    log_level: str = "WARNING"
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        if self.security_protocol.startswith("SASL") and (self.sasl_username is None or self.sasl_password is None):
+            raise ValueError("SASL security needs PROFILE_SASL_USERNAME and PROFILE_SASL_PASSWORD")
+        return self
+
+    def weight_for(self, event_type: str) -> float:
+        return {"click": self.weight_click, "search": self.weight_search, "review": self.weight_review}[event_type]
+
+    @property
+    def bootstrap_servers(self) -> list[str]:
+        """host:port list for clients that are not Faust (admin, confluent-kafka in tests)."""
+        servers = []
+        for part in self.broker_url.replace(",", ";").split(";"):
+            part = part.strip()
+            if "://" in part:
+                part = part.split("://", 1)[1]
+            if part:
+                servers.append(part)
+        return servers
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,21 @@
+"""`stream-app worker`: create missing topics, register the agents, run a Faust worker until stopped."""
+
+from __future__ import annotations
+
+import asyncio
+
+from stream_app.kafka_clients import ensure_topics
+from stream_app.settings import get_settings
+
+
+def run_worker() -> None:
+    settings = get_settings()
+    asyncio.run(ensure_topics(settings))
+
+    from faust.worker import Worker
+
+    import agents.ingest
+    import agents.profiles  # noqa: F401 - importing registers the agents on the app
+    from stream_app.app import app
+
+    Worker(app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
