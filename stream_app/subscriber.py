@@ -81,8 +81,8 @@ class ProfileReplicas:
             yield self.profiles[user_id].view(at)
 
 
-async def read_topic(settings: Settings, topic: str, idle_timeout_s: float = 30.0) -> list[tuple[bytes | None, bytes]]:
-    """Every (key, value) of a topic from the beginning to its current end, partition by partition order.
+async def read_topic(settings: Settings, topic: str, idle_timeout_s: float = 30.0) -> list[Any]:
+    """Every record (aiokafka ConsumerRecord) of a topic from the beginning to its current end.
 
     The end is the high watermark that fetch responses report (correct on Kafka and on Tansu, whose
     ListOffsets is not), so this reads exactly what was there when it started.
@@ -103,13 +103,13 @@ async def read_topic(settings: Settings, topic: str, idle_timeout_s: float = 30.
             return []
         client.assign(tps)
         await client.seek_to_beginning(*tps)
-        records: list[tuple[bytes | None, bytes]] = []
+        records: list[Any] = []
         ends: dict[TopicPartition, int] = {}
         deadline = time.monotonic() + idle_timeout_s
         while len(ends) < len(tps) or any([await _behind(client, tp, end) for tp, end in ends.items()]):
             batch = await client.getmany(timeout_ms=200)
             for tp_records in batch.values():
-                records.extend((r.key, r.value) for r in tp_records if r.value is not None)
+                records.extend(tp_records)
                 deadline = time.monotonic() + idle_timeout_s
             for tp in tps:
                 if tp not in ends and client.highwater(tp) is not None:
@@ -126,7 +126,7 @@ async def _behind(client: Any, tp: Any, end: int) -> bool:
 
 
 async def read_deltas(settings: Settings) -> list[Delta]:
-    return [orjson.loads(value) for _key, value in await read_topic(settings, settings.topic_deltas)]
+    return [orjson.loads(r.value) for r in await read_topic(settings, settings.topic_deltas) if r.value is not None]
 
 
 async def snapshot(settings: Settings, at: float | None = None) -> list[dict[str, Any]]:

@@ -15,7 +15,8 @@ profiles = app.Table(
     help="Per-user decayed profile state",
 )
 # Faust derives serializers from key_type/value_type and would JSON-encode the key ("\"u1\""), which
-# hashes to another partition than the plain UTF-8 key of events_by_user. Set before the changelog
-# topic is first built (lazily, at start-up).
-profiles.key_serializer = "utf8"
-profiles.value_serializer = "json"
+# hashes to another partition than the plain UTF-8 key of events_by_user. Writes take the table's
+# serializer, recovery reads with the changelog topic's: rebuild the topic so both use UTF-8.
+profiles.key_serializer = "utf8"  # type: ignore[attr-defined]
+profiles.value_serializer = "json"  # type: ignore[attr-defined]
+profiles.changelog_topic = profiles._new_changelog_topic(compacting=True)  # type: ignore[attr-defined]

@@ -1,0 +1,189 @@
+"""Integration harness: one embedded broker per test session, a fresh app id and topics per test.
+
+Workers run as real `stream-app worker` subprocesses; events are produced with confluent-kafka
+(librdkafka), an independent client whose default partitioner differs from aiokafka's, so these tests
+also prove that the worker re-keys by user id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from stream_app.embedded_broker import EmbeddedBroker
+from stream_app.profile import ProfileState
+from stream_app.settings import Settings
+from stream_app.subscriber import ProfileReplicas, read_deltas, read_topic
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    log = tmp_path_factory.mktemp("broker") / "tansu.log"
+    with EmbeddedBroker(log_path=str(log)) as running:
+        yield running
+
+
+class Stack:
+    """One isolated deployment (app id, topics, data dir) on the shared broker."""
+
+    def __init__(self, broker: EmbeddedBroker, workdir: Path, **overrides: str) -> None:
+        tag = uuid.uuid4().hex[:8]
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.env = dict(os.environ)
+        self.env.update({
+            "PROFILE_BROKER_URL": broker.url,
+            "PROFILE_EMBEDDED_BROKER": "true",
+            "PROFILE_APP_ID": f"it-{tag}",
+            "PROFILE_TOPIC_CLICKS": f"clicks-{tag}",
+            "PROFILE_TOPIC_SEARCHES": f"searches-{tag}",
+            "PROFILE_TOPIC_REVIEWS": f"reviews-{tag}",
+            "PROFILE_TOPIC_DEAD_LETTERS": f"dead-letters-{tag}",
+            "PROFILE_TOPIC_DELTAS": f"profile-deltas-{tag}",
+            "PROFILE_PARTITIONS": "3",
+            "PROFILE_INPUT_PARTITIONS": "2",
+            "PROFILE_LOG_LEVEL": "INFO",
+        })
+        self.env.update(overrides)
+        self.settings = Settings(**{k[len("PROFILE_"):].lower(): v for k, v in self.env.items()
+                                    if k.startswith("PROFILE_")})
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self._producer: Any = None
+        from stream_app.kafka_clients import ensure_topics
+
+        asyncio.run(ensure_topics(self.settings))
+
+    # -- worker processes ---------------------------------------------------------------------------
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        index = len(self.workers)
+        log = (self.workdir / f"worker-{index}.log").open("ab")
+        env = dict(self.env, PROFILE_DATA_DIR=str(self.workdir / f"faust-{index}"))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "stream_app.cli", "worker"], cwd=ROOT, env=env,
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.workers.append(process)
+        return process
+
+    def stop_worker(self, process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+        if process.poll() is None:
+            process.send_signal(sig)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def worker_log(self, index: int = -1) -> str:
+        logs = sorted(self.workdir.glob("worker-*.log"))
+        return logs[index].read_text(errors="replace")[-4000:] if logs else ""
+
+    # -- producing ----------------------------------------------------------------------------------
+    def produce(self, events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        topics = {"click": self.settings.topic_clicks, "search": self.settings.topic_searches,
+                  "review": self.settings.topic_reviews}
+        sent = []
+        for event in events:
+            self.produce_raw(topics[event["type"]], orjson.dumps(event), event["user_id"].encode())
+            sent.append(event)
+        self.flush()
+        return sent
+
+    def produce_raw(self, topic: str, value: bytes | None, key: bytes | None = None) -> None:
+        if self._producer is None:
+            from confluent_kafka import Producer
+
+            self._producer = Producer({"bootstrap.servers": self.settings.bootstrap_servers[0],
+                                       "linger.ms": 5, "enable.idempotence": False})
+        self._producer.produce(topic, value=value, key=key)
+        self._producer.poll(0)
+
+    def flush(self) -> None:
+        if self._producer is not None:
+            remaining = self._producer.flush(30)
+            assert remaining == 0, f"{remaining} messages not delivered"
+
+    # -- reading ------------------------------------------------------------------------------------
+    def deltas(self) -> list[dict[str, Any]]:
+        return asyncio.run(read_deltas(self.settings))
+
+    def records(self, topic: str) -> list[Any]:
+        return asyncio.run(read_topic(self.settings, topic))
+
+    def table(self) -> dict[str, ProfileState]:
+        """The worker's table as its changelog holds it (last value per key wins)."""
+        latest: dict[str, ProfileState] = {}
+        for record in self.records(f"{self.settings.app_id}-profiles-changelog"):
+            if record.value is not None:
+                latest[record.key.decode()] = ProfileState.from_dict(orjson.loads(record.value))
+        return latest
+
+    def wait_for_events(self, event_ids: set[str], timeout_s: float = 60.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            deltas = self.deltas()
+            missing = event_ids - {eid for d in deltas for eid in d["event_ids"]}
+            if not missing:
+                return deltas
+            for process in self.workers:
+                if process.poll() not in (None, -signal.SIGKILL, -signal.SIGTERM, 0):
+                    pytest.fail(f"worker exited with {process.returncode}:\n{self.worker_log()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{len(missing)} events never reached a delta, e.g. {sorted(missing)[:3]}\n"
+                            f"{self.worker_log()}")
+            time.sleep(0.3)
+
+    def snapshot_cli(self, *args: str) -> list[dict[str, Any]]:
+        result = subprocess.run(
+            [sys.executable, "-m", "stream_app.cli", "snapshot", *args], cwd=ROOT, env=self.env,
+            capture_output=True, check=True, timeout=120,
+        )
+        return [orjson.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+    def replicas(self) -> ProfileReplicas:
+        return ProfileReplicas().apply_all(self.deltas())
+
+    def close(self) -> None:
+        self.flush()
+        self._producer = None
+        for process in self.workers:
+            self.stop_worker(process, signal.SIGKILL)
+
+
+@pytest.fixture
+def stack(broker: EmbeddedBroker, tmp_path: Path) -> Iterator[Stack]:
+    deployment = Stack(broker, tmp_path)
+    try:
+        yield deployment
+    finally:
+        deployment.close()
+
+
+@pytest.fixture
+def make_stack(broker: EmbeddedBroker, tmp_path: Path) -> Iterator[Any]:
+    made: list[Stack] = []
+
+    def factory(**overrides: str) -> Stack:
+        deployment = Stack(broker, tmp_path / f"stack-{len(made)}", **overrides)
+        made.append(deployment)
+        return deployment
+
+    try:
+        yield factory
+    finally:
+        for deployment in made:
+            deployment.close()
