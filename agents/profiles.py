@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from typing import cast
 
 import orjson
 from faust import StreamT
+from faust.streams import Stream
 
 from schemas.events import Event, event_from_trusted_json
 from stream_app.app import app, settings
@@ -36,7 +38,8 @@ def update_profile(stored: dict | None, user_id: str, events: Sequence[Event]) -
 
 @app.agent(events_by_user)
 async def update_profiles(stream: StreamT[bytes]) -> AsyncIterator[int]:
-    async for batch in stream.take_events(settings.batch_max, within=settings.batch_within_s):
+    # take_events (events, not values) is on the concrete Stream; we need each message's value bytes.
+    async for batch in cast(Stream[bytes], stream).take_events(settings.batch_max, within=settings.batch_within_s):
         events = [event_from_trusted_json(e.message.value) for e in batch if e.message.value is not None]
         for user_id, user_events in group_by_user(events).items():
             new_value, outgoing = update_profile(profiles.get(user_id), user_id, user_events)

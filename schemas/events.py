@@ -60,7 +60,7 @@ class Event:
 
 
 def _event_items(event: Event) -> list[tuple[str, Any]]:
-    return [(name, getattr(event, name)) for name in Event.__slots__]  # type: ignore[attr-defined]
+    return [(name, getattr(event, name)) for name in Event.__slots__]
 
 
 def parse_ts(value: Any) -> float:

@@ -54,7 +54,8 @@ async def wait_for_events(
         if worker is not None and worker.poll() is not None:
             raise RuntimeError(f"worker exited with {worker.returncode}")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{len(event_ids - covered)} of {len(event_ids)} events have no delta after {timeout_s} s")
+            missing = len(event_ids - covered)
+            raise TimeoutError(f"{missing} of {len(event_ids)} events have no delta after {timeout_s} s")
         await asyncio.sleep(0.5)
 
 

@@ -216,7 +216,8 @@ def apply_one(profile: ProfileState, event: Event, params: ProfileParams) -> Del
 
 
 def _rescale(profile: ProfileState, new_landmark: float) -> None:
-    assert profile.landmark is not None and profile.half_life_s is not None
+    if profile.landmark is None or profile.half_life_s is None:
+        raise ValueError("cannot rescale a profile that has no landmark yet")
     factor = rescale_factor(profile.landmark, new_landmark, profile.half_life_s)
     scale_sums(profile, factor)
     profile.landmark = new_landmark

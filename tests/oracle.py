@@ -10,7 +10,9 @@ from stream_app.keywords import query_terms
 from stream_app.profile import ProfileParams
 
 
-def expected_view(user_id: str, events: Iterable[Event], params: ProfileParams, at: float | None = None) -> dict[str, Any]:
+def expected_view(
+    user_id: str, events: Iterable[Event], params: ProfileParams, at: float | None = None
+) -> dict[str, Any]:
     unique: dict[str, Event] = {}
     for event in events:
         unique.setdefault(event.event_id, event)
