@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     # -- Processing ------------------------------------------------------------------------------------
     batch_max: int = Field(2000, ge=1, description="events per micro-batch of the profile agent")
     batch_within_s: float = Field(0.05, gt=0, description="longest wait to fill a micro-batch")
+    review_batch_max: int = Field(256, ge=1, description="reviews per micro-batch of the review agent")
+    review_batch_within_s: float = Field(0.1, gt=0, description="longest wait to fill a review micro-batch")
     web_port: int = Field(6066, ge=0)
     web_enabled: bool = False
     data_dir: str = Field(".faust-data", description="Faust's data directory (table state, offsets)")

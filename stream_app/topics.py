@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from stream_app.app import app, settings
 
-# Producers may key and partition these any way they like; the ingest agent re-keys by user id.
-raw_events = app.topic(
-    settings.topic_clicks, settings.topic_searches, settings.topic_reviews,
+# Producers may key and partition these any way they like; the ingest and review agents re-key by user id.
+clicks_and_searches = app.topic(
+    settings.topic_clicks, settings.topic_searches,
     key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+)
+reviews = app.topic(
+    settings.topic_reviews, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
 )
 
 # Validated events keyed by user id with our partitioner: the profile table is co-partitioned with it,
