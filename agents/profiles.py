@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import cast
+from typing import Any, cast
 
 import orjson
 from faust import StreamT
 from faust.streams import Stream
 
-from schemas.events import Event, event_from_trusted_json
+from schemas.events import Event, event_from_trusted_doc
 from stream_app.app import app, settings
 from stream_app.profile import Delta, ProfileParams, ProfileState, apply
+from stream_app.publish import publish_delta
 from stream_app.tables import profiles
-from stream_app.topics import events_by_user, profile_deltas
+from stream_app.topics import events_by_user
 
 params = ProfileParams.from_settings(settings)
+
+
+def unbundle(values: Sequence[bytes | None]) -> list[Event]:
+    """Events of a micro-batch of by-user bundles (JSON arrays written by `publish_events`)."""
+    return [event_from_trusted_doc(doc) for value in values if value for doc in orjson.loads(value)]
 
 
 def group_by_user(events: Sequence[Event]) -> dict[str, list[Event]]:
@@ -25,7 +31,9 @@ def group_by_user(events: Sequence[Event]) -> dict[str, list[Event]]:
     return groups
 
 
-def update_profile(stored: dict | None, user_id: str, events: Sequence[Event]) -> tuple[dict | None, list[Delta]]:
+def update_profile(
+    stored: dict[str, Any] | None, user_id: str, events: Sequence[Event]
+) -> tuple[dict[str, Any] | None, list[Delta]]:
     """The new table value (None: unchanged) and the deltas to publish, in version order."""
     state = ProfileState.from_dict(stored) if stored is not None else ProfileState(user_id)
     result = apply(state, events, params)
@@ -40,11 +48,11 @@ def update_profile(stored: dict | None, user_id: str, events: Sequence[Event]) -
 async def update_profiles(stream: StreamT[bytes]) -> AsyncIterator[int]:
     # take_events (events, not values) is on the concrete Stream; we need each message's value bytes.
     async for batch in cast(Stream[bytes], stream).take_events(settings.batch_max, within=settings.batch_within_s):
-        events = [event_from_trusted_json(e.message.value) for e in batch if e.message.value is not None]
+        events = unbundle([e.message.value for e in batch])
         for user_id, user_events in group_by_user(events).items():
             new_value, outgoing = update_profile(profiles.get(user_id), user_id, user_events)
             if new_value is not None:
                 profiles[user_id] = new_value
             for delta in outgoing:
-                await profile_deltas.send(key=user_id, value=orjson.dumps(delta))
+                await publish_delta(delta)
         yield len(events)

@@ -174,7 +174,10 @@ def parse_event(
 
 def event_from_trusted_json(raw: bytes) -> Event:
     """Decode an event the ingest agent already validated (the internal by-user topic)."""
-    doc = orjson.loads(raw)
+    return event_from_trusted_doc(orjson.loads(raw))
+
+
+def event_from_trusted_doc(doc: dict[str, Any]) -> Event:
     return Event(
         doc["event_id"], doc["user_id"], doc["ts"], doc["type"],
         category=doc.get("category"), item_id=doc.get("item_id"), dwell_ms=doc.get("dwell_ms"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 from unittest.mock import AsyncMock, patch
 
 import orjson
@@ -11,24 +10,20 @@ import pytest
 
 from agents.ingest import ingest
 from agents.profiles import update_profiles
-from schemas.events import Event, event_from_trusted_json
+from schemas.events import Event
+from stream_app.publish import encode_bundle
 from stream_app.tables import profiles
-from stream_app.topics import dead_letters, events_by_user, profile_deltas
 
 
 @pytest.fixture
 def sent() -> Iterator[dict[str, AsyncMock]]:
-    with patch.object(events_by_user, "send", new_callable=AsyncMock) as by_user, \
-         patch.object(dead_letters, "send", new_callable=AsyncMock) as dlq, \
-         patch.object(profile_deltas, "send", new_callable=AsyncMock) as deltas, \
+    with patch("agents.ingest.publish_events", new_callable=AsyncMock) as events, \
+         patch("agents.ingest.publish_dead_letter", new_callable=AsyncMock) as dlq, \
+         patch("agents.profiles.publish_delta", new_callable=AsyncMock) as deltas, \
          patch.object(profiles, "send_changelog") as changelog:
         changelog.return_value.message.partition = 0
-        yield {"by_user": by_user, "dlq": dlq, "deltas": deltas}
+        yield {"events": events, "dlq": dlq, "deltas": deltas}
     profiles.data.clear()
-
-
-def _calls(mock: AsyncMock) -> list[dict[str, Any]]:
-    return [call.kwargs for call in mock.await_args_list]
 
 
 async def test_ingest_rekeys_valid_events_and_dead_letters_the_rest(sent: dict[str, AsyncMock]) -> None:
@@ -37,27 +32,23 @@ async def test_ingest_rekeys_valid_events_and_dead_letters_the_rest(sent: dict[s
         await agent.put(b"{broken", key=b"u9")
         await agent.put(orjson.dumps(good), key=b"whatever-the-producer-used")
         await agent.put(orjson.dumps(good), key=None)
-    dead = _calls(sent["dlq"])
+    dead = [(call.args[0].value, call.args[1]) for call in sent["dlq"].await_args_list]
+    assert dead[0][0] == b"{broken" and dead[0][1].startswith("not valid JSON")
+    assert dead[1][1] == "message key does not match user_id"
     assert len(dead) == 2
-    assert dead[0]["value"] == b"{broken" and dead[0]["key"] == b"u9"
-    headers = dict(dead[0]["headers"])
-    assert headers["dlq.reason"].startswith(b"not valid JSON")
-    assert set(headers) == {"dlq.reason", "dlq.topic", "dlq.partition", "dlq.offset"}
-    assert dict(dead[1]["headers"])["dlq.reason"] == b"message key does not match user_id"
-    forwarded = _calls(sent["by_user"])
-    assert [c["key"] for c in forwarded] == ["u1"]
-    assert event_from_trusted_json(forwarded[0]["value"]) == Event("e1", "u1", 1704067200.0, "click", item_id="i")
+    forwarded = [event for call in sent["events"].await_args_list for event in call.args[0]]
+    assert forwarded == [Event("e1", "u1", 1704067200.0, "click", item_id="i")]
 
 
 async def test_profiles_agent_updates_table_and_publishes_versioned_deltas(sent: dict[str, AsyncMock]) -> None:
-    def by_user(eid: str, ts: float) -> bytes:
-        return Event(eid, "u1", ts, "click", category="shoes", item_id="i").to_json()
+    def bundle(eid: str, ts: float) -> bytes:
+        return encode_bundle([Event(eid, "u1", ts, "click", category="shoes", item_id="i")])
 
     async with update_profiles.test_context() as agent:
-        await agent.put(by_user("e1", 0.0), key="u1")
-        await agent.put(by_user("e1", 0.0), key="u1")  # duplicate delivery
-        await agent.put(by_user("e2", 604800.0), key="u1")
-    deltas = [orjson.loads(c["value"]) for c in _calls(sent["deltas"])]
+        await agent.put(bundle("e1", 0.0))
+        await agent.put(bundle("e1", 0.0))  # duplicate delivery
+        await agent.put(bundle("e2", 604800.0))
+    deltas = [call.args[0] for call in sent["deltas"].await_args_list]
     # The duplicate re-emits the delta that counted it (v1) instead of making a new version.
     assert [(d["version"], d["event_ids"]) for d in deltas] == [(1, ["e1"]), (1, ["e1"]), (2, ["e2"])]
     assert profiles["u1"]["version"] == 2

@@ -1,0 +1,136 @@
+"""Bench plumbing: an embedded broker, worker subprocesses, a producer at a given rate, a delta tail."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from stream_app.embedded_broker import EmbeddedBroker
+from stream_app.kafka_clients import consumer, ensure_topics, producer
+from stream_app.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Deployment:
+    broker: EmbeddedBroker
+    env: dict[str, str]
+    settings: Settings
+    workdir: Path
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, broker: EmbeddedBroker, **overrides: str) -> Deployment:
+        tag = uuid.uuid4().hex[:6]
+        workdir = Path(tempfile.mkdtemp(prefix=f"bench-{tag}-"))
+        env = dict(os.environ)
+        env.update({
+            "PROFILE_BROKER_URL": broker.url, "PROFILE_EMBEDDED_BROKER": "true", "PROFILE_APP_ID": f"bench-{tag}",
+            "PROFILE_TOPIC_CLICKS": f"clicks-{tag}", "PROFILE_TOPIC_SEARCHES": f"searches-{tag}",
+            "PROFILE_TOPIC_REVIEWS": f"reviews-{tag}", "PROFILE_TOPIC_DEAD_LETTERS": f"dlq-{tag}",
+            "PROFILE_TOPIC_DELTAS": f"deltas-{tag}", "PROFILE_DATA_DIR": str(workdir / "faust"),
+        })
+        env.update(overrides)
+        settings = Settings(**{k[8:].lower(): v for k, v in env.items() if k.startswith("PROFILE_")})
+        asyncio.run(ensure_topics(settings))
+        return cls(broker, env, settings, workdir)
+
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        log = (self.workdir / f"worker-{len(self.workers)}.log").open("ab")
+        process = subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", "stream_app.cli", "worker"], cwd=ROOT, env=self.env, stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.workers.append(process)
+        return process
+
+    def stop(self) -> None:
+        for process in self.workers:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.workers:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def topic_for(settings: Settings, event: dict[str, Any]) -> str:
+    return {"click": settings.topic_clicks, "search": settings.topic_searches,
+            "review": settings.topic_reviews}[event["type"]]
+
+
+async def produce(settings: Settings, events: Sequence[dict[str, Any]], rate: float | None = None) -> dict[str, float]:
+    """Send events (at `rate` per second if given); returns event_id -> wall time it was handed to Kafka."""
+    client = producer(settings, linger_ms=2)
+    await client.start()
+    sent_at: dict[str, float] = {}
+    try:
+        started = time.perf_counter()
+        pending = []
+        for index, event in enumerate(events):
+            if rate is not None:
+                due = started + index / rate
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            pending.append(await client.send(topic_for(settings, event), orjson.dumps(event),
+                                             key=event["user_id"].encode()))
+            sent_at[event["event_id"]] = time.perf_counter()
+            if len(pending) > 5000:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+    finally:
+        await client.stop()
+    return sent_at
+
+
+async def tail_deltas(settings: Settings, expected_events: int, timeout_s: float) -> list[tuple[float, list[str]]]:
+    """(arrival wall time, event ids) of every delta until `expected_events` distinct events are covered."""
+    from aiokafka.structs import TopicPartition
+
+    client = consumer(settings, fetch_max_wait_ms=20, max_partition_fetch_bytes=4 * 1024 * 1024)
+    await client.start()
+    arrivals: list[tuple[float, list[str]]] = []
+    covered: set[str] = set()
+    try:
+        tps = [TopicPartition(settings.topic_deltas, p) for p in range(settings.partitions)]
+        client.assign(tps)
+        await client.seek_to_beginning(*tps)
+        deadline = time.monotonic() + timeout_s
+        while len(covered) < expected_events:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(covered)} of {expected_events} events reached a delta")
+            batch = await client.getmany(timeout_ms=100, max_records=10_000)
+            now = time.perf_counter()
+            for records in batch.values():
+                for record in records:
+                    ids = orjson.loads(record.value)["event_ids"]
+                    arrivals.append((now, ids))
+                    covered.update(ids)
+    finally:
+        await client.stop()
+    return arrivals
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]

@@ -1,0 +1,23 @@
+from aiokafka.partitioner import DefaultPartitioner
+
+from schemas.events import Event, event_from_trusted_doc
+from stream_app.publish import bundle_by_partition, encode_bundle, partition_for_user
+
+
+def test_bundle_partition_is_the_one_aiokafka_picks_for_the_key() -> None:
+    # The table changelog is partitioned by aiokafka's partitioner; bundles must land on the same partition.
+    partitioner = DefaultPartitioner()
+    partitions = list(range(7))
+    for user in ["u1", "cdnow-00042", "ünïcode", "x" * 300]:
+        assert partition_for_user(user, 7) == partitioner(user.encode(), partitions, partitions)
+
+
+def test_bundles_group_by_partition_and_round_trip() -> None:
+    import orjson
+
+    events = [Event(f"e{i}", f"u{i % 5}", float(i), "click", item_id="i") for i in range(20)]
+    bundles = bundle_by_partition(events, 3)
+    assert sorted(e.event_id for b in bundles.values() for e in b) == sorted(e.event_id for e in events)
+    for partition, bundle in bundles.items():
+        assert {partition_for_user(e.user_id, 3) for e in bundle} == {partition}
+        assert [event_from_trusted_doc(d) for d in orjson.loads(encode_bundle(bundle))] == bundle
