@@ -6,7 +6,7 @@ import asyncio
 import time
 from typing import Any
 
-from bench.harness import Deployment, produce, tail_deltas
+from bench.harness import Deployment, cpu_seconds, produce, tail_deltas
 from stream_app.embedded_broker import EmbeddedBroker
 from stream_app.sample_data import sample_events
 
@@ -24,8 +24,11 @@ def run(broker: EmbeddedBroker, limit: int | None = None) -> dict[str, Any]:
         started = time.perf_counter()
         asyncio.run(produce(deployment.settings, events))
         produce_s = time.perf_counter() - started
-        deployment.start_worker()
+        worker = deployment.start_worker()
+        broker_pid = broker.pid
+        broker_cpu, worker_cpu = cpu_seconds(broker_pid), cpu_seconds(worker.pid)
         arrivals = asyncio.run(tail_deltas(deployment.settings, len(events), timeout_s=600))
+        broker_cpu, worker_cpu = cpu_seconds(broker_pid) - broker_cpu, cpu_seconds(worker.pid) - worker_cpu
         first, last = arrivals[0][0], arrivals[-1][0]
         return {
             "events": len(events),
@@ -34,6 +37,8 @@ def run(broker: EmbeddedBroker, limit: int | None = None) -> dict[str, Any]:
             "producer_events_per_s": len(events) / produce_s,
             "worker_events_per_s": len(events) / (last - first) if last > first else float("nan"),
             "seconds": last - first,
+            "worker_cpu_s": worker_cpu,
+            "broker_cpu_s": broker_cpu,
         }
     finally:
         deployment.stop()

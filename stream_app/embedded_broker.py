@@ -92,6 +92,12 @@ class EmbeddedBroker:
             process.wait(timeout=10)
 
     @property
+    def pid(self) -> int:
+        if self._process is None:
+            raise RuntimeError("broker is not running")
+        return self._process.pid
+
+    @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 

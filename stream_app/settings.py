@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(10_000, ge=1)
 
     # -- Processing ------------------------------------------------------------------------------------
-    batch_max: int = Field(2000, ge=1, description="events per micro-batch of the profile agent")
+    batch_max: int = Field(5000, ge=1, description="events per micro-batch of the ingest and profile agents")
     batch_within_s: float = Field(0.05, gt=0, description="longest wait to fill a micro-batch")
     review_batch_max: int = Field(256, ge=1, description="reviews per micro-batch of the review agent")
     review_batch_within_s: float = Field(0.1, gt=0, description="longest wait to fill a review micro-batch")
