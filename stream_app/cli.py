@@ -50,7 +50,7 @@ def _cmd_produce(args: argparse.Namespace) -> int:
     settings = get_settings()
     asyncio.run(ensure_topics(settings))
     report = asyncio.run(produce_file(Path(args.file), settings, topic_override=args.topic,
-                                      progress=not args.quiet))
+                                      progress=not args.quiet, rate=args.rate))
     print(f"sent {report.sent} events {report.by_topic}; skipped {len(report.unroutable)} unroutable lines")
     return 0 if not report.unroutable else 1
 
@@ -68,10 +68,11 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
+    from stream_app.event_files import write_events
     from stream_app.sample_data import sample_events
 
     events = sample_events(customers=args.customers)
-    Path(args.out).write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in events))
+    write_events(Path(args.out), events)
     print(f"wrote {len(events)} events to {args.out}")
     return 0
 
@@ -94,8 +95,9 @@ def parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run a profile worker (Faust)")
     worker.set_defaults(func=_cmd_worker)
 
-    produce = commands.add_parser("produce", help="publish JSONL events to their topics")
+    produce = commands.add_parser("produce", help="publish events (.jsonl[.gz], .csv, .parquet) to their topics")
     produce.add_argument("file")
+    produce.add_argument("--rate", type=float, default=None, help="events per second (default: unlimited)")
     produce.add_argument("--topic", help="send every line to this topic instead of routing by type")
     produce.add_argument("--quiet", action="store_true", help="no progress bar")
     produce.set_defaults(func=_cmd_produce)
@@ -106,7 +108,7 @@ def parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="write sample events derived from real data (see README)")
     sample.add_argument("--customers", type=int, default=50)
-    sample.add_argument("--out", default="sample-events.jsonl")
+    sample.add_argument("--out", default="sample-events.jsonl", help=".jsonl, .jsonl.gz, .csv or .parquet")
     sample.set_defaults(func=_cmd_sample)
 
     demo = commands.add_parser("demo", help="embedded broker + worker + sample events, end to end")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import orjson
 from tqdm import tqdm
 
 from schemas.events import InvalidEvent, parse_ts
+from stream_app.event_files import count_events, read_events
 from stream_app.kafka_clients import producer
 from stream_app.settings import Settings
 
@@ -56,24 +58,22 @@ def route(line: bytes, settings: Settings, topic_override: str | None = None) ->
     return Outgoing(topic, key, line, timestamp_ms)
 
 
-def read_lines(path: Path) -> Iterator[bytes]:
-    with path.open("rb") as handle:
-        for raw in handle:
-            line = raw.rstrip(b"\r\n")
-            if line.strip():
-                yield line
-
-
 async def produce_lines(
     lines: Iterable[bytes], settings: Settings, *, topic_override: str | None = None,
-    progress: bool = True, total: int | None = None,
+    progress: bool = True, total: int | None = None, rate: float | None = None,
 ) -> ProduceReport:
+    """Send events; with `rate`, at that many events per second (paced against a monotonic clock)."""
     report = ProduceReport()
     client = producer(settings)
     await client.start()
+    started = time.monotonic()
     try:
         pending = []
         for number, line in enumerate(tqdm(lines, total=total, unit="ev", disable=not progress), start=1):
+            if rate is not None:
+                ahead = started + (number - 1) / rate - time.monotonic()
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
             routed = route(line, settings, topic_override)
             if isinstance(routed, str):
                 report.unroutable.append(f"line {number}: {routed}")
@@ -92,9 +92,15 @@ async def produce_lines(
     return report
 
 
-async def produce_file(path: Path, settings: Settings, **kwargs: object) -> ProduceReport:
-    total = sum(1 for _ in read_lines(path))
-    report = await produce_lines(read_lines(path), settings, total=total, **kwargs)  # type: ignore[arg-type]
+async def produce_file(
+    path: Path, settings: Settings, *, topic_override: str | None = None, progress: bool = True,
+    rate: float | None = None,
+) -> ProduceReport:
+    """Publish a JSONL (optionally .gz), CSV or Parquet file of events, preserving event time."""
+    report = await produce_lines(
+        read_events(path), settings, topic_override=topic_override, progress=progress,
+        total=count_events(path) if progress else None, rate=rate,
+    )
     for problem in report.unroutable[:20]:
         print(f"skipped {problem}", file=sys.stderr)
     return report
