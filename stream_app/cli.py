@@ -59,11 +59,26 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
     from stream_app.settings import get_settings
     from stream_app.subscriber import ProfileReplicas, read_deltas
 
-    replicas = ProfileReplicas().apply_all(asyncio.run(read_deltas(get_settings())))
+    settings = get_settings()
+    if args.topic:
+        settings = settings.model_copy(update={"topic_deltas": args.topic})
+    replicas = ProfileReplicas().apply_all(asyncio.run(read_deltas(settings)))
     for view in replicas.views(args.at):
         sys.stdout.write(orjson.dumps(view).decode() + "\n")
     if replicas.gaps:
         print(f"warning: {len(replicas.gaps)} version gaps, e.g. {replicas.gaps[:3]}", file=sys.stderr)
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from stream_app.replay import ReplayPlan, run_replay
+    from stream_app.settings import get_settings
+
+    plan = ReplayPlan.create(get_settings(), args.name, files=[Path(f) for f in args.files], since=args.since,
+                             output_topic=args.output)
+    report = run_replay(plan, progress=not args.quiet)
+    print(orjson.dumps(report).decode())
+    print(f"profiles: stream-app snapshot --topic {report['deltas_topic']}")
     return 0
 
 
@@ -104,7 +119,17 @@ def parser() -> argparse.ArgumentParser:
 
     snapshot = commands.add_parser("snapshot", help="rebuild profiles from profile-deltas, one JSON line each")
     snapshot.add_argument("--at", type=float, default=None, help="age values to this epoch time (seconds)")
+    snapshot.add_argument("--topic", help="delta topic to read (default PROFILE_TOPIC_DELTAS), e.g. a replay's")
     snapshot.set_defaults(func=_cmd_snapshot)
+
+    replay = commands.add_parser("replay", help="rebuild profiles from history under a new app id")
+    replay.add_argument("--name", required=True, help="names the replay's app id and output topic")
+    replay.add_argument("--files", nargs="*", default=[], help="replay these event files instead of the topics")
+    replay.add_argument("--since", type=float, default=None,
+                        help="start the topics at this epoch time (Kafka timestamps = event time)")
+    replay.add_argument("--output", default=None, help="delta topic (default: <deltas>-replay-<name>)")
+    replay.add_argument("--quiet", action="store_true")
+    replay.set_defaults(func=_cmd_replay)
 
     sample = commands.add_parser("sample", help="write sample events derived from real data (see README)")
     sample.add_argument("--customers", type=int, default=50)

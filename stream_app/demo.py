@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,30 +16,11 @@ from stream_app.producer import produce_file
 from stream_app.sample_data import sample_events
 from stream_app.settings import Settings
 from stream_app.subscriber import ProfileReplicas, read_deltas
-
-
-def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    log = log_path.open("ab")
-    try:
-        return subprocess.Popen(  # noqa: S603 - our own console entry point
-            [sys.executable, "-m", "stream_app.cli", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-    finally:
-        log.close()
-
-
-def stop_worker(process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+from stream_app.worker_process import WorkerProcess
 
 
 async def wait_for_events(
-    settings: Settings, event_ids: set[str], timeout_s: float, worker: subprocess.Popen[bytes] | None = None
+    settings: Settings, event_ids: set[str], timeout_s: float, worker: WorkerProcess | None = None
 ) -> list[dict[str, Any]]:
     """Read deltas until every event id has been counted by some delta."""
     deadline = time.monotonic() + timeout_s
@@ -51,8 +29,8 @@ async def wait_for_events(
         covered = {eid for d in deltas for eid in d["event_ids"]}
         if event_ids <= covered:
             return deltas
-        if worker is not None and worker.poll() is not None:
-            raise RuntimeError(f"worker exited with {worker.returncode}")
+        if worker is not None:
+            worker.check_alive()
         if time.monotonic() > deadline:
             missing = len(event_ids - covered)
             raise TimeoutError(f"{missing} of {len(event_ids)} events have no delta after {timeout_s} s")
@@ -91,15 +69,12 @@ def run_demo(customers: int = 40) -> int:
         asyncio.run(produce_file(sample, settings, progress=True))
 
         started = time.monotonic()
-        worker = start_worker(env, workdir / "worker.log")
-        try:
+        with WorkerProcess(env, workdir / "worker.log") as worker:
             first = asyncio.run(_first_delta(settings, worker, timeout_s=120))
             print(f"worker: first delta {first - started:.1f} s after start (includes group join)")
             deltas = asyncio.run(wait_for_events(settings, {e["event_id"] for e in events}, 180, worker))
             print(f"worker: all {len(events)} events in profiles after {time.monotonic() - started:.1f} s, "
                   f"{len(deltas)} deltas\n")
-        finally:
-            stop_worker(worker)
     print("== three deltas from topic profile-deltas (stored values relative to 'landmark') ==")
     for delta in deltas[:3]:
         print(orjson.dumps(delta).decode()[:400])
@@ -111,12 +86,11 @@ def run_demo(customers: int = 40) -> int:
     return 0
 
 
-async def _first_delta(settings: Settings, worker: subprocess.Popen[bytes], timeout_s: float) -> float:
+async def _first_delta(settings: Settings, worker: WorkerProcess, timeout_s: float) -> float:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if await read_deltas(settings):
             return time.monotonic()
-        if worker.poll() is not None:
-            raise RuntimeError(f"worker exited with {worker.returncode}")
+        worker.check_alive()
         await asyncio.sleep(0.2)
     raise TimeoutError("no delta from the worker")

@@ -98,18 +98,19 @@ class Stack:
                   "review": self.settings.topic_reviews}
         sent = []
         for event in events:
-            self.produce_raw(topics[event["type"]], orjson.dumps(event), event["user_id"].encode())
+            self.produce_raw(topics[event["type"]], orjson.dumps(event), event["user_id"].encode(),
+                             timestamp_ms=int(float(event["ts"]) * 1000) if isinstance(event["ts"], int | float) else 0)
             sent.append(event)
         self.flush()
         return sent
 
-    def produce_raw(self, topic: str, value: bytes | None, key: bytes | None = None) -> None:
+    def produce_raw(self, topic: str, value: bytes | None, key: bytes | None = None, timestamp_ms: int = 0) -> None:
         if self._producer is None:
             from confluent_kafka import Producer
 
             self._producer = Producer({"bootstrap.servers": self.settings.bootstrap_servers[0],
                                        "linger.ms": 5, "enable.idempotence": False})
-        self._producer.produce(topic, value=value, key=key)
+        self._producer.produce(topic, value=value, key=key, timestamp=timestamp_ms)
         self._producer.poll(0)
 
     def flush(self) -> None:
@@ -147,12 +148,17 @@ class Stack:
                             f"{self.worker_log()}")
             time.sleep(0.3)
 
-    def snapshot_cli(self, *args: str) -> list[dict[str, Any]]:
+    def cli(self, *args: str, env: dict[str, str] | None = None, timeout_s: float = 300) -> str:
         result = subprocess.run(
-            [sys.executable, "-m", "stream_app.cli", "snapshot", *args], cwd=ROOT, env=self.env,
-            capture_output=True, check=True, timeout=120,
+            [sys.executable, "-m", "stream_app.cli", *args], cwd=ROOT, env={**self.env, **(env or {})},
+            capture_output=True, timeout=timeout_s,
         )
-        return [orjson.loads(line) for line in result.stdout.splitlines() if line.strip()]
+        if result.returncode != 0:
+            pytest.fail(f"stream-app {' '.join(args)} failed ({result.returncode}):\n{result.stderr.decode()[-3000:]}")
+        return result.stdout.decode()
+
+    def snapshot_cli(self, *args: str) -> list[dict[str, Any]]:
+        return [orjson.loads(line) for line in self.cli("snapshot", *args).splitlines() if line.strip()]
 
     def replicas(self) -> ProfileReplicas:
         return ProfileReplicas().apply_all(self.deltas())
