@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from stream_app.embedded_broker import EmbeddedBroker
+from stream_app.embedded_broker import EmbeddedBroker, free_port
 from stream_app.kafka_clients import consumer, ensure_topics, producer
 from stream_app.settings import Settings
 
@@ -50,8 +50,9 @@ class Deployment:
 
     def start_worker(self) -> subprocess.Popen[bytes]:
         log = (self.workdir / f"worker-{len(self.workers)}.log").open("ab")
+        env = {**self.env, "PROFILE_WEB_PORT": str(free_port())}
         process = subprocess.Popen(  # noqa: S603
-            [sys.executable, "-m", "stream_app.cli", "worker"], cwd=ROOT, env=self.env, stdout=log,
+            [sys.executable, "-m", "stream_app.cli", "worker"], cwd=ROOT, env=env, stdout=log,
             stderr=subprocess.STDOUT,
         )
         log.close()

@@ -56,8 +56,10 @@ class Settings(BaseSettings):
     batch_within_s: float = Field(0.05, gt=0, description="longest wait to fill a micro-batch")
     review_batch_max: int = Field(256, ge=1, description="reviews per micro-batch of the review agent")
     review_batch_within_s: float = Field(0.1, gt=0, description="longest wait to fill a review micro-batch")
-    web_port: int = Field(6066, ge=0)
-    web_enabled: bool = False
+    web_enabled: bool = True
+    web_host: str = Field("127.0.0.1", description="address the HTTP lookup binds to")
+    web_port: int = Field(6066, ge=1, le=65535)
+    web_canonical_url: str | None = Field(None, description="URL other workers use to reach this one")
     data_dir: str = Field(".faust-data", description="Faust's data directory (table state, offsets)")
     log_level: str = "WARNING"
 

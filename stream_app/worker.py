@@ -14,8 +14,10 @@ def run_worker() -> None:
 
     from faust.worker import Worker
 
-    import agents.ingest
-    import agents.profiles  # noqa: F401 - importing registers the agents on the app
+    # Importing registers the agents and pages on the app.
+    import agents.ingest  # noqa: F401
+    import agents.profiles  # noqa: F401
+    import stream_app.web  # noqa: F401
     from stream_app.app import app
 
     worker = Worker(app, loglevel=settings.log_level, quiet=True)

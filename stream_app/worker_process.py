@@ -11,7 +11,10 @@ from types import TracebackType
 
 class WorkerProcess:
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.env = env
+        from stream_app.embedded_broker import free_port
+
+        # Several workers share a machine in demos and tests: each gets its own HTTP port.
+        self.env = {"PROFILE_WEB_PORT": str(free_port()), **env}
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 import pytest
 
-from stream_app.embedded_broker import EmbeddedBroker
+from stream_app.embedded_broker import EmbeddedBroker, free_port
 from stream_app.profile import ProfileState
 from stream_app.settings import Settings
 from stream_app.subscriber import ProfileReplicas, read_deltas, read_topic
@@ -61,6 +61,7 @@ class Stack:
         self.settings = Settings(**{k[len("PROFILE_"):].lower(): v for k, v in self.env.items()
                                     if k.startswith("PROFILE_")})
         self.workers: list[subprocess.Popen[bytes]] = []
+        self.web_ports: list[int] = []
         self._producer: Any = None
         from stream_app.kafka_clients import ensure_topics
 
@@ -70,7 +71,9 @@ class Stack:
     def start_worker(self) -> subprocess.Popen[bytes]:
         index = len(self.workers)
         log = (self.workdir / f"worker-{index}.log").open("ab")
-        env = dict(self.env, PROFILE_DATA_DIR=str(self.workdir / f"faust-{index}"))
+        port = free_port()
+        self.web_ports.append(port)
+        env = dict(self.env, PROFILE_DATA_DIR=str(self.workdir / f"faust-{index}"), PROFILE_WEB_PORT=str(port))
         process = subprocess.Popen(
             [sys.executable, "-m", "stream_app.cli", "worker"], cwd=ROOT, env=env,
             stdout=log, stderr=subprocess.STDOUT,
