@@ -10,8 +10,9 @@ from faust import StreamT
 from faust.streams import Stream
 
 from schemas.events import Event, event_from_trusted_doc
+from stream_app import metrics
 from stream_app.app import app, settings
-from stream_app.profile import Delta, ProfileParams, ProfileState, apply
+from stream_app.profile import ApplyResult, ProfileParams, ProfileState, apply
 from stream_app.publish import publish_delta
 from stream_app.tables import profiles
 from stream_app.topics import events_by_user
@@ -33,15 +34,11 @@ def group_by_user(events: Sequence[Event]) -> dict[str, list[Event]]:
 
 def update_profile(
     stored: dict[str, Any] | None, user_id: str, events: Sequence[Event]
-) -> tuple[dict[str, Any] | None, list[Delta]]:
-    """The new table value (None: unchanged) and the deltas to publish, in version order."""
+) -> tuple[dict[str, Any] | None, ApplyResult]:
+    """The new table value (None: unchanged) and what to publish."""
     state = ProfileState.from_dict(stored) if stored is not None else ProfileState(user_id)
     result = apply(state, events, params)
-    outgoing = list(result.redeliveries)
-    if result.delta is None:
-        return None, outgoing
-    outgoing.append(result.delta)
-    return state.to_dict(), outgoing
+    return (None if result.delta is None else state.to_dict()), result
 
 
 @app.agent(events_by_user)
@@ -49,10 +46,16 @@ async def update_profiles(stream: StreamT[bytes]) -> AsyncIterator[int]:
     # take_events (events, not values) is on the concrete Stream; we need each message's value bytes.
     async for batch in cast(Stream[bytes], stream).take_events(settings.batch_max, within=settings.batch_within_s):
         events = unbundle([e.message.value for e in batch])
+        metrics.BATCH_EVENTS.labels("profiles").observe(len(events))
         for user_id, user_events in group_by_user(events).items():
-            new_value, outgoing = update_profile(profiles.get(user_id), user_id, user_events)
+            new_value, result = update_profile(profiles.get(user_id), user_id, user_events)
             if new_value is not None:
                 profiles[user_id] = new_value
-            for delta in outgoing:
-                await publish_delta(delta)
+            counted = len(result.delta["event_ids"]) if result.delta is not None else 0
+            metrics.DUPLICATES.inc(len(user_events) - counted)
+            # Re-emissions first: their versions are older than the new delta's.
+            for delta in result.redeliveries:
+                await publish_delta(delta, redelivery=True)
+            if result.delta is not None:
+                await publish_delta(result.delta)
         yield len(events)

@@ -11,6 +11,7 @@ which is also where the profile table's changelog (`use_partitioner=True`) puts 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 
 import orjson
@@ -18,6 +19,7 @@ from aiokafka.partitioner import murmur2
 from faust.types import Message
 
 from schemas.events import Event
+from stream_app import metrics
 from stream_app.app import app, settings
 from stream_app.profile import Delta
 from stream_app.topics import dead_letters, events_by_user, profile_deltas
@@ -41,12 +43,18 @@ def encode_bundle(events: Sequence[Event]) -> bytes:
 
 
 async def publish_events(events: Sequence[Event]) -> None:
+    for event in events:
+        metrics.EVENTS.labels(event.type).inc()
     topic = events_by_user.get_topic_name()
     for partition, bundle in bundle_by_partition(events, settings.partitions).items():
         await app.producer.send(topic, None, encode_bundle(bundle), partition, None, None)
 
 
-async def publish_delta(delta: Delta) -> None:
+async def publish_delta(delta: Delta, *, redelivery: bool = False) -> None:
+    metrics.DELTAS.labels("redelivery" if redelivery else "new").inc()
+    if not redelivery:
+        # Freshness: how long after its newest event a profile change reaches subscribers.
+        metrics.DELTA_LAG.observe(max(0.0, time.time() - delta["as_of"]))
     await app.producer.send(
         profile_deltas.get_topic_name(), delta["user_id"].encode(), orjson.dumps(delta), None, None, None
     )
@@ -54,5 +62,6 @@ async def publish_delta(delta: Delta) -> None:
 
 async def publish_dead_letter(message: Message, reason: str) -> None:
     """The original bytes, untouched, with where they came from and why they were refused."""
+    metrics.DEAD_LETTERS.labels(metrics.dead_letter_kind(reason)).inc()
     await app.producer.send(dead_letters.get_topic_name(), message.key, message.value, None, None,
                             dead_letter_headers(reason, message))

@@ -18,7 +18,10 @@ def run_worker() -> None:
     import agents.ingest  # noqa: F401
     import agents.profiles  # noqa: F401
     import stream_app.web  # noqa: F401
+    from stream_app import metrics
     from stream_app.app import app
+
+    metrics.install(app)
 
     worker = Worker(app, loglevel=settings.log_level, quiet=True)
     # Faust's terminal spinner sets the root logger to DEBUG so that it can spin on every record: at
