@@ -26,6 +26,9 @@ test: install
 	$(BIN)/mypy
 	$(BIN)/pytest
 
+bench: install
+	$(BIN)/python -m bench.run
+
 lint: install
 	$(BIN)/ruff check stream_app agents schemas tests bench
 	$(BIN)/mypy

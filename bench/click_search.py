@@ -19,7 +19,8 @@ def click_search_events(limit: int | None = None) -> list[dict[str, Any]]:
 
 def run(broker: EmbeddedBroker, limit: int | None = None) -> dict[str, Any]:
     events = click_search_events(limit)
-    deployment = Deployment.create(broker)
+    # No reviews here: the model would only compete for the CPU while it loads (it loads on the first review).
+    deployment = Deployment.create(broker, PROFILE_ENCODER_PRELOAD="false")
     try:
         started = time.perf_counter()
         asyncio.run(produce(deployment.settings, events))

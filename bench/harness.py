@@ -31,6 +31,7 @@ class Deployment:
     settings: Settings
     workdir: Path
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    web_ports: list[int] = field(default_factory=list)
 
     @classmethod
     def create(cls, broker: EmbeddedBroker, **overrides: str) -> Deployment:
@@ -50,7 +51,8 @@ class Deployment:
 
     def start_worker(self) -> subprocess.Popen[bytes]:
         log = (self.workdir / f"worker-{len(self.workers)}.log").open("ab")
-        env = {**self.env, "PROFILE_WEB_PORT": str(free_port())}
+        self.web_ports.append(free_port())
+        env = {**self.env, "PROFILE_WEB_PORT": str(self.web_ports[-1])}
         process = subprocess.Popen(  # noqa: S603
             [sys.executable, "-m", "stream_app.cli", "worker"], cwd=ROOT, env=env, stdout=log,
             stderr=subprocess.STDOUT,
@@ -68,6 +70,27 @@ class Deployment:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def wait_ready(deployment: Deployment, timeout_s: float) -> None:
+    """Until every worker answers 200 on GET /ready (joined, tables recovered, encoder loaded)."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    for process, port in zip(deployment.workers, deployment.web_ports, strict=True):
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"worker exited with {process.returncode}; see {deployment.workdir}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as response:  # noqa: S310
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker on port {port} not ready after {timeout_s} s")
+            time.sleep(0.2)
 
 
 def topic_for(settings: Settings, event: dict[str, Any]) -> str:

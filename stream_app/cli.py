@@ -92,6 +92,18 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_sentiment(args: argparse.Namespace) -> int:
+    from stream_app.sentiment import DEFAULT_HEAD_PATH
+    from stream_app.sentiment_training import train
+
+    out = Path(args.out) if args.out else DEFAULT_HEAD_PATH
+    report = train(out, limit=args.limit, progress=not args.quiet,
+                   embeddings_cache=Path(args.embeddings_cache) if args.embeddings_cache else None)
+    print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    print(f"wrote {out}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from stream_app.demo import run_demo
 
@@ -135,6 +147,13 @@ def parser() -> argparse.ArgumentParser:
     sample.add_argument("--customers", type=int, default=50)
     sample.add_argument("--out", default="sample-events.jsonl", help=".jsonl, .jsonl.gz, .csv or .parquet")
     sample.set_defaults(func=_cmd_sample)
+
+    train = commands.add_parser("train-sentiment", help="fit the sentiment head on real reviews; report vs VADER")
+    train.add_argument("--out", default=None, help="weights file (default: the committed sentiment_head.json)")
+    train.add_argument("--limit", type=int, default=None, help="use only the first N reviews (quick runs)")
+    train.add_argument("--embeddings-cache", default=None, help="reuse/save review embeddings here (.pt)")
+    train.add_argument("--quiet", action="store_true")
+    train.set_defaults(func=_cmd_train_sentiment)
 
     demo = commands.add_parser("demo", help="embedded broker + worker + sample events, end to end")
     demo.add_argument("--customers", type=int, default=40)

@@ -20,17 +20,21 @@ class Encoded:
 
 
 class TextEncoder(Protocol):
-    """Two stages, so that tokenising batch n+1 can overlap the forward pass of batch n."""
+    """Three stages, so that preparing batch n+1 (CPU) can overlap the forward pass of batch n.
+
+    The encoder pipeline calls `tokenize` once per micro-batch, sorts by length, cuts forward batches
+    by a padded-token budget, and `collate`s each one while the previous one is in `forward`.
+    """
 
     dimension: int
     max_length: int
 
-    def token_counts(self, texts: Sequence[str]) -> list[int]:
-        """Tokens per text after truncation to max_length (special tokens included)."""
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids per text, truncated to max_length (special tokens included). Thread-safe."""
         ...
 
-    def tokenize(self, texts: Sequence[str]) -> Any:
-        """Model inputs for one batch, padded to its longest text. CPU work, thread-safe."""
+    def collate(self, token_ids: Sequence[Sequence[int]]) -> Any:
+        """Model inputs for one forward batch, padded to its longest member. Thread-safe."""
         ...
 
     def forward(self, inputs: Any) -> list[Encoded]:
@@ -41,21 +45,25 @@ class TextEncoder(Protocol):
 class FakeEncoder:
     """NOT a model: deterministic pseudo-embeddings from a hash of the text, for fast agent tests only.
 
-    Sentiment is +0.5 if the text contains "good" and -0.5 if it contains "bad", else 0.
+    Tokens are the text's UTF-8 bytes (so token counts are easy to reason about in tests). Sentiment is
+    +0.5 if the text contains "good" and -0.5 if it contains "bad", else 0. `forward_calls` records the
+    batch shape of every forward pass.
     """
 
     def __init__(self, dimension: int = 8, max_length: int = 128) -> None:
         self.dimension = dimension
         self.max_length = max_length
+        self.forward_calls: list[tuple[int, int]] = []  # (texts, padded tokens)
 
-    def token_counts(self, texts: Sequence[str]) -> list[int]:
-        return [min(len(t.split()) + 2, self.max_length) for t in texts]
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return [list(text.encode()[: self.max_length]) or [0] for text in texts]
 
-    def tokenize(self, texts: Sequence[str]) -> list[str]:
-        return list(texts)
+    def collate(self, token_ids: Sequence[Sequence[int]]) -> list[list[int]]:
+        return [list(ids) for ids in token_ids]
 
-    def forward(self, inputs: list[str]) -> list[Encoded]:
-        return [self._encode(text) for text in inputs]
+    def forward(self, inputs: list[list[int]]) -> list[Encoded]:
+        self.forward_calls.append((len(inputs), len(inputs) * max(len(ids) for ids in inputs)))
+        return [self._encode(bytes(ids).decode(errors="ignore")) for ids in inputs]
 
     def _encode(self, text: str) -> Encoded:
         digest = hashlib.sha256(text.encode()).digest()

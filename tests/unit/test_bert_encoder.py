@@ -1,0 +1,121 @@
+"""The real encoder, loaded offline from a local folder: shapes, normalisation, batching invariance, limits."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from stream_app.bert_encoder import BertEncoder, default_model_dir, resolve_precision
+from stream_app.encoder_pipeline import EncoderPipeline
+from stream_app.sentiment import SentimentHead
+from stream_app.settings import Settings
+
+REVIEWS = [
+    "I love this dress, the fabric is soft and it fits perfectly. Wore it to a wedding and got compliments.",
+    "Terrible quality. The seams came apart after one wash and the color faded. Returned it.",
+    "It's okay. The color is nice but it runs a bit large.",
+    "Great jeans!",
+]
+
+
+def cosine(a: tuple[float, ...] | list[float], b: tuple[float, ...] | list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
+def test_embeddings_are_384_d_unit_vectors_with_meaningful_similarity(real_encoder: BertEncoder) -> None:
+    first, second, third, fourth = real_encoder.encode(REVIEWS)
+    for result in (first, second, third, fourth):
+        assert len(result.embedding) == 384
+        assert math.isclose(math.sqrt(sum(x * x for x in result.embedding)), 1.0, rel_tol=1e-5)
+    paraphrase = real_encoder.encode(["This dress is lovely, soft material and a perfect fit."])[0]
+    assert cosine(first.embedding, paraphrase.embedding) > cosine(first.embedding, fourth.embedding) + 0.2
+
+
+def test_sentiment_separates_clearly_positive_from_clearly_negative(real_encoder: BertEncoder) -> None:
+    positive, negative, neutral, _ = real_encoder.encode(REVIEWS)
+    assert positive.sentiment > 0.5
+    assert negative.sentiment < -0.5
+    assert negative.sentiment < neutral.sentiment < positive.sentiment
+    assert all(-1.0 <= r.sentiment <= 1.0 for r in (positive, negative, neutral))
+
+
+def test_results_do_not_depend_on_batch_company_or_order(real_encoder: BertEncoder) -> None:
+    together = real_encoder.encode(REVIEWS)
+    alone = [real_encoder.encode([text])[0] for text in REVIEWS]
+    reversed_batch = list(reversed(real_encoder.encode(list(reversed(REVIEWS)))))
+    for a, b, c in zip(together, alone, reversed_batch, strict=True):
+        assert cosine(a.embedding, b.embedding) > 0.999  # padding differs; bf16 rounding may too
+        assert cosine(a.embedding, c.embedding) > 0.999
+        assert abs(a.sentiment - b.sentiment) < 0.02
+
+
+def test_huge_and_empty_texts_are_truncated_or_encoded(real_encoder: BertEncoder) -> None:
+    huge = "word " * 20_000
+    ids = real_encoder.tokenize([huge, "", "   "])
+    assert len(ids[0]) == real_encoder.max_length == 256
+    assert len(ids[1]) == len(ids[2]) == 2  # [CLS] [SEP]
+    results = real_encoder.encode([huge, "", "   "])
+    assert all(len(r.embedding) == 384 and all(math.isfinite(x) for x in r.embedding) for r in results)
+
+
+async def test_pipeline_with_real_model_matches_direct_encoding(real_encoder: BertEncoder) -> None:
+    pipeline = EncoderPipeline(real_encoder, max_batch_tokens=256, max_batch_size=3).start()
+    try:
+        through_pipeline = await pipeline.encode(REVIEWS * 3)
+    finally:
+        pipeline.stop()
+    assert pipeline.stats.forward_passes >= 4  # the budget split the 12 texts
+    direct = real_encoder.encode(REVIEWS * 3)
+    for a, b in zip(through_pipeline, direct, strict=True):
+        assert cosine(a.embedding, b.embedding) > 0.999
+
+
+def test_loads_from_any_local_folder_named_in_settings(tmp_path: Path) -> None:
+    copy = tmp_path / "my-minilm"
+    shutil.copytree(default_model_dir(), copy)
+    settings = Settings(encoder_model=str(copy), encoder_precision="fp32", encoder_max_length=64, encoder_threads=1)
+    encoder = BertEncoder.from_settings(settings)
+    assert encoder.model_dir == copy and encoder.precision == "fp32" and encoder.max_length == 64
+    assert len(encoder.encode(["hello"])[0].embedding) == 384
+
+
+def test_a_folder_without_a_model_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no Hugging Face model"):
+        BertEncoder(tmp_path, warm_up=False)
+
+
+def test_a_missing_model_file_fails_instead_of_downloading(tmp_path: Path) -> None:
+    copy = tmp_path / "partial"
+    shutil.copytree(default_model_dir(), copy)
+    (copy / "model.safetensors").unlink()
+    with pytest.raises(OSError):
+        BertEncoder(copy, warm_up=False)
+
+
+def test_bf16_on_cpu_stays_close_to_fp32(real_encoder: BertEncoder) -> None:
+    if real_encoder.device.type != "cpu" or real_encoder.precision != "bf16":
+        pytest.skip("this CPU has no native bf16: the encoder runs fp32 here, nothing to compare")
+    fp32 = BertEncoder(precision="fp32", warm_up=False)
+    for a, b in zip(real_encoder.encode(REVIEWS), fp32.encode(REVIEWS), strict=True):
+        assert cosine(a.embedding, b.embedding) > 0.999
+
+
+def test_precision_rules() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_precision("auto", cuda) == "fp16"
+    assert resolve_precision("auto", cpu) in ("bf16", "fp32")
+    with pytest.raises(RuntimeError, match="fp16 is for CUDA"):
+        resolve_precision("fp16", cpu)
+
+
+def test_sentiment_head_rejects_a_mismatched_dimension(tmp_path: Path) -> None:
+    small = SentimentHead(torch.zeros(3, 8), torch.zeros(3))
+    with pytest.raises(ValueError, match="expects 8-d embeddings"):
+        BertEncoder(sentiment_head=small, warm_up=False)
+    path = tmp_path / "head.json"
+    small.save(path)
+    assert SentimentHead.load(path).dimension == 8

@@ -1,0 +1,124 @@
+"""The encoder pipeline: batch planning, ordering, the thread hand-off, failures, an event loop that stays live."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from stream_app.encoder import Encoded, FakeEncoder
+from stream_app.encoder_pipeline import EncoderPipeline, plan_batches
+
+
+def test_plan_sorts_by_length_and_keeps_padded_tokens_under_budget() -> None:
+    counts = [50, 3, 20, 7, 20, 100, 4]
+    plan = plan_batches(counts, max_batch_tokens=60, max_batch_size=10)
+    flat = [i for batch in plan for i in batch]
+    assert sorted(flat) == list(range(len(counts)))  # every text exactly once
+    assert [counts[i] for i in flat] == sorted(counts)  # shortest first
+    for batch in plan:
+        padded = len(batch) * max(counts[i] for i in batch)
+        assert padded <= 60 or len(batch) == 1
+    assert plan == [[1, 6, 3], [2, 4], [0], [5]]  # 3x7=21, 2x20=40, 50 alone, 100 alone (over budget)
+
+
+def test_plan_caps_batch_size() -> None:
+    plan = plan_batches([5] * 10, max_batch_tokens=10_000, max_batch_size=4)
+    assert [len(b) for b in plan] == [4, 4, 2]
+
+
+@pytest.fixture
+def pipeline() -> Any:
+    running = EncoderPipeline(FakeEncoder(), max_batch_tokens=64, max_batch_size=8).start()
+    yield running
+    running.stop()
+
+
+async def test_results_come_back_in_input_order(pipeline: EncoderPipeline) -> None:
+    texts = ["a much longer review text that is good", "bad", "x" * 40, "short good", "", "mid length text here"]
+    results = await pipeline.encode(texts)
+    assert results == FakeEncoder().forward(FakeEncoder().tokenize(texts))
+    assert [r.sentiment for r in results] == [0.5, -0.5, 0.0, 0.5, 0.0, 0.0]
+
+
+async def test_batches_respect_the_token_budget(pipeline: EncoderPipeline) -> None:
+    encoder = pipeline.encoder
+    assert isinstance(encoder, FakeEncoder)
+    await pipeline.encode(["y" * n for n in (30, 2, 31, 5, 9, 64, 1, 12)])
+    assert encoder.forward_calls  # (texts, padded tokens) per forward pass
+    assert all(padded <= 64 for _, padded in encoder.forward_calls)
+    assert sum(texts for texts, _ in encoder.forward_calls) == 8
+    assert pipeline.stats.forward_passes == len(encoder.forward_calls)
+
+
+class SlowEncoder(FakeEncoder):
+    """Holds the GIL-free forward for a while, recording the thread it ran on."""
+
+    def __init__(self, delay_s: float, fail_on: str | None = None) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+        self.fail_on = fail_on
+        self.threads: set[str] = set()
+
+    def forward(self, inputs: list[list[int]]) -> list[Encoded]:
+        self.threads.add(threading.current_thread().name)
+        time.sleep(self.delay_s)
+        if self.fail_on is not None and any(bytes(ids).decode() == self.fail_on for ids in inputs):
+            raise ValueError("poisoned text")
+        return super().forward(inputs)
+
+
+async def test_forward_runs_off_the_event_loop_which_stays_responsive() -> None:
+    encoder = SlowEncoder(delay_s=0.3)
+    pipeline = EncoderPipeline(encoder, max_batch_tokens=8, max_batch_size=1).start()
+    try:
+        gaps: list[float] = []
+        stop = asyncio.Event()
+
+        async def heartbeat() -> None:
+            last = time.perf_counter()
+            while not stop.is_set():
+                await asyncio.sleep(0.01)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        ticker = asyncio.create_task(heartbeat())
+        results = await pipeline.encode(["one", "two", "three"])  # three forward passes of 0.3 s each
+        stop.set()
+        await ticker
+    finally:
+        pipeline.stop()
+    assert len(results) == 3
+    assert encoder.threads == {"encoder-forward"}
+    assert len(gaps) > 30  # the loop ticked throughout ~0.9 s of encoding
+    assert max(gaps) < 0.2  # and was never blocked for a forward pass
+
+
+async def test_a_failing_batch_raises_to_the_caller_and_the_pipeline_keeps_serving() -> None:
+    pipeline = EncoderPipeline(SlowEncoder(0.0, fail_on="poison"), max_batch_tokens=1000, max_batch_size=8).start()
+    try:
+        with pytest.raises(ValueError, match="poisoned text"):
+            await pipeline.encode(["fine", "poison"])
+        assert [r.sentiment for r in await pipeline.encode(["good"])] == [0.5]
+    finally:
+        pipeline.stop()
+
+
+async def test_concurrent_callers_get_their_own_results(pipeline: EncoderPipeline) -> None:
+    batches: list[Sequence[str]] = [[f"caller {c} text {i}" for i in range(c + 1)] for c in range(6)]
+    answers = await asyncio.gather(*(pipeline.encode(b) for b in batches))
+    fake = FakeEncoder()
+    for batch, answer in zip(batches, answers, strict=True):
+        assert answer == fake.forward(fake.tokenize(batch))
+
+
+async def test_empty_input_and_stopped_pipeline() -> None:
+    pipeline = EncoderPipeline(FakeEncoder(), max_batch_tokens=64, max_batch_size=8)
+    assert await pipeline.encode([]) == []
+    with pytest.raises(RuntimeError, match="not running"):
+        await pipeline.encode(["x"])
