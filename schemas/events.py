@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Literal, TypeAlias
@@ -16,12 +17,19 @@ import orjson
 EventType: TypeAlias = Literal["click", "search", "review"]
 EVENT_TYPES: Final[tuple[EventType, ...]] = ("click", "search", "review")
 
-# Event time must be a real instant of user behaviour: before 1970 or after 2200 is a producer bug
-# (milliseconds sent as seconds, a zeroed clock), and such values would wreck decay for that user.
+# Event time must be a real instant of user behaviour. Before 1970 is a zeroed or signed-overflow clock;
+# after 2200 is almost always milliseconds or microseconds sent as seconds (1.7e12 "seconds" is year
+# ~55,800). Either would wreck decay for that user: one event 2^k half-lives ahead moves the landmark and
+# makes every earlier and later event of the user decay to zero. 2200 leaves room for any real clock skew.
 MIN_TS: Final = 0.0
 MAX_TS: Final = 7258118400.0  # 2200-01-01T00:00:00Z
 MAX_ID_CHARS: Final = 256
 MAX_FIELD_CHARS: Final = 1024
+# orjson's own nesting limit; stated here because the reason text names it.
+MAX_JSON_DEPTH: Final = 1024
+# Ids end up in Kafka keys, HTTP paths and log lines: a newline or NUL in one forges or truncates those.
+_CONTROL_CHARS: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_ID_FIELDS: Final = frozenset({"event_id", "user_id", "item_id"})
 
 _COMMON_FIELDS: Final = frozenset({"event_id", "user_id", "ts", "type"})
 _ALLOWED_FIELDS: Final[dict[str, frozenset[str]]] = {
@@ -78,7 +86,7 @@ def parse_ts(value: Any) -> float:
             raise InvalidEvent(f"ts {value[:64]!r} has no time zone; event time must be unambiguous")
         ts = parsed.timestamp()
     else:
-        raise InvalidEvent(f"ts must be epoch seconds or an ISO-8601 string, got {type(value).__name__}")
+        raise InvalidEvent(f"ts must be epoch seconds or an ISO-8601 string, got {_type_name(value)}")
     if not math.isfinite(ts):
         raise InvalidEvent("ts is not finite")
     if not MIN_TS <= ts < MAX_TS:
@@ -97,23 +105,38 @@ def _optional_str(doc: dict[str, Any], name: str, limit: int) -> str | None:
     return None if value is None else _str_value(value, name, limit)
 
 
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
 def _str_value(value: Any, name: str, limit: int) -> str:
+    if value is None:
+        raise InvalidEvent(f"{name} is null")
     if not isinstance(value, str):
-        raise InvalidEvent(f"{name} must be a string, got {type(value).__name__}")
+        raise InvalidEvent(f"{name} must be a string, got {_type_name(value)}")
     if not value.strip():
         raise InvalidEvent(f"{name} is empty")
     if len(value) > limit:
         raise InvalidEvent(f"{name} is {len(value)} characters, over the limit of {limit}")
+    if name in _ID_FIELDS:
+        bad = _CONTROL_CHARS.search(value)
+        if bad is not None:
+            raise InvalidEvent(f"{name} contains the control character U+{ord(bad.group()):04X}")
     return value
 
 
 def validate_event(doc: Any, *, max_text_chars: int, key: bytes | None = None) -> Event:
     """Check a decoded JSON document against the contract and return the typed event."""
     if not isinstance(doc, dict):
-        raise InvalidEvent(f"event must be a JSON object, got {type(doc).__name__}")
+        raise InvalidEvent(f"event must be a JSON object, got {_type_name(doc)}")
     event_type = doc.get("type")
+    # Checked for str first: a list or object here is unhashable, and str() of a 1000-deep one recurses.
+    if event_type is None:
+        raise InvalidEvent("missing field 'type'")
+    if not isinstance(event_type, str):
+        raise InvalidEvent(f"type must be a string, got {_type_name(event_type)}")
     if event_type not in _ALLOWED_FIELDS:
-        raise InvalidEvent(f"unknown event type {str(event_type)[:64]!r}; expected click, search or review")
+        raise InvalidEvent(f"unknown event type {event_type[:64]!r}; expected click, search or review")
     unknown = sorted(set(doc) - _ALLOWED_FIELDS[event_type])
     if unknown:
         raise InvalidEvent(f"unknown field(s) for a {event_type} event: {', '.join(n[:64] for n in unknown[:5])}")
@@ -130,7 +153,7 @@ def validate_event(doc: Any, *, max_text_chars: int, key: bytes | None = None) -
         dwell = doc.get("dwell_ms")
         if dwell is not None:
             if isinstance(dwell, bool) or not isinstance(dwell, int | float):
-                raise InvalidEvent(f"dwell_ms must be a number, got {type(dwell).__name__}")
+                raise InvalidEvent(f"dwell_ms must be a number, got {_type_name(dwell)}")
             if not math.isfinite(dwell) or dwell < 0:
                 raise InvalidEvent("dwell_ms must be a finite, non-negative number")
         return Event(
@@ -143,8 +166,11 @@ def validate_event(doc: Any, *, max_text_chars: int, key: bytes | None = None) -
                      query=_required_str(doc, "query", MAX_FIELD_CHARS))
     rating = doc.get("rating")
     if rating is not None:
-        if isinstance(rating, bool) or not isinstance(rating, int | float) or rating != int(rating):
-            raise InvalidEvent(f"rating must be an integer 1-5, got {str(rating)[:32]}")
+        # Never str() a non-number: a 1000-deep array would recurse past Python's limit.
+        if isinstance(rating, bool) or not isinstance(rating, int | float):
+            raise InvalidEvent(f"rating must be an integer 1-5, got {_type_name(rating)}")
+        if rating != int(rating):
+            raise InvalidEvent(f"rating must be an integer 1-5, got {rating!r}")
         if not 1 <= rating <= 5:
             raise InvalidEvent(f"rating {rating} is out of range 1-5")
         rating = int(rating)
@@ -167,9 +193,26 @@ def parse_event(
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        # orjson rejects invalid UTF-8, NaN/Infinity literals and nesting deeper than 1024 levels.
-        raise InvalidEvent(f"not valid JSON: {exc}") from None
+        # orjson rejects invalid UTF-8, NaN/Infinity literals and nesting deeper than 1024 levels
+        # without recursing (measured: 100,000 nested arrays are refused at depth 1025).
+        raise InvalidEvent(f"not valid JSON: {_json_error(raw, exc)}") from None
     return validate_event(doc, max_text_chars=max_text_chars, key=key)
+
+
+def _json_error(raw: bytes, exc: orjson.JSONDecodeError) -> str:
+    """orjson's message, made specific for the hostile cases a producer most needs to recognise."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return f"invalid UTF-8 at byte {bad.start}"
+    message = str(exc)
+    if message.startswith("depth limit exceeded"):
+        return f"nested deeper than {MAX_JSON_DEPTH} levels"
+    token = text[exc.pos:exc.pos + 9].lstrip("-")
+    if token.startswith(("NaN", "Infinity")):
+        return f"NaN/Infinity at character {exc.pos} is not a JSON number"
+    return message
+
 
 
 def event_from_trusted_json(raw: bytes) -> Event:

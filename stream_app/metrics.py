@@ -26,10 +26,11 @@ DELTA_LAG = Histogram("profile_delta_lag_seconds",
 _KINDS: Final = tuple((re.compile(pattern), kind) for pattern, kind in (
     (r"^not valid JSON", "malformed_json"), (r"^empty message", "empty"), (r"over the limit", "too_large"),
     (r"must be a JSON object", "not_an_object"), (r"^unknown event type", "unknown_type"),
-    (r"^unknown field", "unknown_field"), (r"^missing field", "missing_field"),
+    (r"^unknown field", "unknown_field"), (r"^missing field", "missing_field"), (r" is null$", "missing_field"),
     (r"does not match user_id", "key_mismatch"), (r"does not belong on topic", "wrong_topic"),
     (r"^ts ", "bad_timestamp"), (r"^rating ", "bad_rating"), (r" is empty$", "empty_field"),
-    (r" must be ", "wrong_type"), (r"^encoder failed", "encoder_error"),
+    (r"control character", "bad_characters"), (r" must be ", "wrong_type"), (r"^encoder failed", "encoder_error"),
+    (r"^validator error", "validator_error"),
 ))
 
 

@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     web_canonical_url: str | None = Field(None, description="URL other workers use to reach this one")
     data_dir: str = Field(".faust-data", description="Faust's data directory (table state, offsets)")
     log_level: str = "WARNING"
+    log_format: Literal["text", "json"] = Field("text", description="text for people, json (one object per line) "
+                                                                    "for log shippers")
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import traceback
 from dataclasses import dataclass
 
 from faust.types import Message
 
 from schemas.events import Event, InvalidEvent, parse_event
 from stream_app.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +26,13 @@ def triage(settings: Settings, topic: str, key: bytes | None, value: bytes | Non
         )
     except InvalidEvent as exc:
         return Rejection(exc.reason)
+    except Exception as exc:
+        # A validator bug must cost one dead letter, not the worker. The exception's message may quote
+        # the payload (review text), so only its type and where it was raised are logged.
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        logger.error("validator bug: %s at %s:%s on a message from topic %s",
+                     type(exc).__name__, where.filename, where.lineno, topic)
+        return Rejection(f"validator error ({type(exc).__name__}); this is a bug in the engine, not the message")
     expected = {
         settings.topic_clicks: "click", settings.topic_searches: "search", settings.topic_reviews: "review",
     }.get(topic)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 
 from stream_app.kafka_clients import ensure_topics
+from stream_app.logging_setup import configure_logging, logging_config
 from stream_app.settings import get_settings
 
 
 def run_worker() -> None:
     settings = get_settings()
+    # Before anything can log: topic creation already talks to the broker.
+    configure_logging(settings)
     asyncio.run(ensure_topics(settings))
 
     from faust.worker import Worker
@@ -25,7 +28,9 @@ def run_worker() -> None:
 
     metrics.install(app)
 
-    worker = Worker(app, loglevel=settings.log_level, quiet=True)
+    # Faust replaces the root logger's handlers on start; handing it our config keeps one format and the
+    # redacting filter on everything, including print()s it redirects to the log.
+    worker = Worker(app, loglevel=settings.log_level, logging_config=logging_config(settings), quiet=True)
     # Faust's terminal spinner sets the root logger to DEBUG so that it can spin on every record: at
     # thousands of events/s that is a LogRecord per Kafka send (measured: ~9% of worker CPU).
     worker.spinner = None
