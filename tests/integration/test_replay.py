@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,19 @@ from tests.oracle import assert_close_maps
 pytestmark = pytest.mark.integration
 
 
-def real_events(customers: int) -> list[dict[str, Any]]:
-    # Reviews join once the encoder path is in; clicks and searches carry all decayed sums.
-    return [e for e in sample_events(customers=customers) if e["type"] != "review"]
+def real_events(customers: int, reviewers: int) -> list[dict[str, Any]]:
+    """Clicks and searches of `customers` users; reviews only of the first `reviewers` (encoding is the slow part)."""
+    events = sample_events(customers=customers)
+    reviewing = sorted({e["user_id"] for e in events})[:reviewers]
+    return [e for e in events if e["type"] != "review" or e["user_id"] in reviewing]
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
+ENCODER_ABS = 1e-2
+deviations: list[float] = []
 
 
 def assert_same_profiles(actual: list[dict[str, Any]], expected: list[dict[str, Any]]) -> None:
@@ -29,16 +40,24 @@ def assert_same_profiles(actual: list[dict[str, Any]], expected: list[dict[str, 
         assert profile["as_of"] == reference["as_of"]
         for name in ("activity", "interests", "keywords"):
             assert_close_maps(profile[name], reference[name])
-        for name in ("rating", "sentiment"):
-            if reference[name] is None:
-                assert profile[name] is None
-            else:
-                assert profile[name] == pytest.approx(reference[name], rel=1e-9)
+        if reference["rating"] is None:
+            assert profile["rating"] is None
+        else:
+            assert profile["rating"] == pytest.approx(reference["rating"], rel=1e-9)
+        # The encoder's floats depend on batch company (padding, kernel blocking): replay encodes reviews in
+        # other batches than the live run did, so these two agree to the encoder's rounding, not to 1e-9
+        # (measured here: 2e-16 on a bf16 CPU; a GPU's kernels may differ more between batch shapes).
+        if reference["sentiment"] is None:
+            assert profile["sentiment"] is None and profile["embedding"] is None
+        else:
+            assert profile["sentiment"] == pytest.approx(reference["sentiment"], abs=ENCODER_ABS)
+            assert cosine(profile["embedding"], reference["embedding"]) > 1 - ENCODER_ABS
+            deviations.append(abs(profile["sentiment"] - reference["sentiment"]))
 
 
 def test_live_equals_replay_equals_shuffled_repartitioned_replay(stack: Stack, tmp_path: Path) -> None:
-    events = real_events(customers=400)
-    assert len(events) > 2000
+    events = real_events(customers=400, reviewers=40)
+    assert len(events) > 2000 and sum(e["type"] == "review" for e in events) == 120
     stack.produce(events)
     stack.start_worker()
     stack.wait_for_events({e["event_id"] for e in events}, timeout_s=120)
@@ -56,3 +75,4 @@ def test_live_equals_replay_equals_shuffled_repartitioned_replay(stack: Stack, t
               env={"PROFILE_PARTITIONS": "2", "PROFILE_INPUT_PARTITIONS": "3"})
     reshuffled = stack.snapshot_cli("--topic", f"{stack.settings.topic_deltas}-replay-shuffled")
     assert_same_profiles(reshuffled, live)
+    print(f"largest sentiment deviation replay vs live: {max(deviations):.2e}")
