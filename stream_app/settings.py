@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SEVEN_DAYS_S = 7 * 24 * 3600.0
+MIN_PSEUDONYM_KEY_CHARS = 16
 
 
 class Settings(BaseSettings):
@@ -63,10 +64,18 @@ class Settings(BaseSettings):
     data_dir: str = Field(".faust-data", description="Faust's data directory (table state, offsets)")
     log_level: str = "WARNING"
 
+    # -- Serving and privacy ---------------------------------------------------------------------------
+    pseudonym_key: SecretStr | None = Field(
+        None, description="HMAC key: user ids leaving the worker become pseudonyms (stream_app.pseudonym)"
+    )
+
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
         if self.security_protocol.startswith("SASL") and (self.sasl_username is None or self.sasl_password is None):
             raise ValueError("SASL security needs PROFILE_SASL_USERNAME and PROFILE_SASL_PASSWORD")
+        if self.pseudonym_key is not None and len(self.pseudonym_key.get_secret_value()) < MIN_PSEUDONYM_KEY_CHARS:
+            # A short key can be guessed, and then every pseudonym can be inverted from a list of ids.
+            raise ValueError(f"PROFILE_PSEUDONYM_KEY needs at least {MIN_PSEUDONYM_KEY_CHARS} characters")
         return self
 
     def weight_for(self, event_type: str) -> float:
