@@ -154,6 +154,7 @@ class _Outcome:
     applied: int = 0
     skipped: int = 0
     gap: bool = False
+    unrepaired: bool = False
 
 
 @dataclass
@@ -179,6 +180,7 @@ class DeltaSink:
                     self.stats.applied += outcome.applied
                     self.stats.skipped += outcome.skipped
                     self.stats.resynced += outcome.gap
+                    self.stats.unrepaired += outcome.unrepaired
             self.stats.conflicts += len(lost)
             pending = sorted(lost)
             if not pending:
@@ -199,7 +201,7 @@ class DeltaSink:
                 outcome.applied = 0
                 outcome.skipped = 0
             for user in {gap_user for gap_user, _, _ in replicas.gaps}:
-                self.stats.unrepaired += 1
+                outcomes[user].unrepaired = True
                 print(f"warning: the delta topic has version gaps for {user!r} (retention?); its profile "
                       f"holds what the remaining deltas give", file=sys.stderr, flush=True)
 

@@ -108,6 +108,21 @@ def test_redis_holds_exactly_the_snapshot_profiles(stack: Stack, redis_url: str)
     assert again[:3] == (len(deltas), 0, len(deltas))
     assert_same_profiles(redis_views(stack, redis_url), snapshot)
 
+    # Redis loses a user; that user's next delta is a gap, and the user is rebuilt from the delta topic.
+    lost = events[-1]["user_id"]
+    store = redis.Redis.from_url(redis_url)
+    try:
+        assert store.delete(f"profile:{lost}") == 1
+    finally:
+        store.close()
+    late = {"event_id": "late-click", "user_id": lost, "ts": events[-1]["ts"] + 60, "type": "click", "item_id": "x"}
+    stack.produce([late])
+    stack.wait_for_events({"late-click"})
+    n_deltas, applied, skipped, resynced, _ = final_stats(stack.cli("subscribe", "--redis", redis_url,
+                                                                    "--until-caught-up"))
+    assert (n_deltas, applied, skipped, resynced) == (1, 0, 0, 1)
+    assert_same_profiles(redis_views(stack, redis_url), stack.snapshot_cli())
+
 
 def start_subscriber(stack: Stack, redis_url: str, log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as handle:
