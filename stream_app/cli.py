@@ -70,6 +70,30 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_subscribe(args: argparse.Namespace) -> int:
+    from stream_app.redis_sink import SubscribeOptions, group_id_for, run_subscriber
+    from stream_app.settings import get_settings
+
+    settings = get_settings()
+    options = SubscribeOptions(topic=args.topic or settings.topic_deltas, group_id=args.group or group_id_for(settings),
+                               until_caught_up=args.until_caught_up)
+    run_subscriber(settings, options, redis_url=args.redis)
+    return 0
+
+
+def _cmd_redis_get(args: argparse.Namespace) -> int:
+    from stream_app.pseudonym import pseudonymiser
+    from stream_app.redis_sink import read_views
+    from stream_app.settings import get_settings
+
+    settings = get_settings()
+    users = [pseudonymiser(settings.pseudonym_key)(u) for u in args.users] if args.raw else args.users
+    views = asyncio.run(read_views(settings, users or None, args.at, redis_url=args.redis))
+    for view in views:
+        sys.stdout.write(orjson.dumps(view).decode() + "\n")
+    return 0 if len(views) == len(users) or not users else 1
+
+
 def _cmd_replay(args: argparse.Namespace) -> int:
     from stream_app.replay import ReplayPlan, run_replay
     from stream_app.settings import get_settings
@@ -133,6 +157,21 @@ def parser() -> argparse.ArgumentParser:
     snapshot.add_argument("--at", type=float, default=None, help="age values to this epoch time (seconds)")
     snapshot.add_argument("--topic", help="delta topic to read (default PROFILE_TOPIC_DELTAS), e.g. a replay's")
     snapshot.set_defaults(func=_cmd_snapshot)
+
+    subscribe = commands.add_parser("subscribe", help="materialise profile-deltas into Redis (profile:{user_id})")
+    subscribe.add_argument("--redis", default=None, help="Redis URL (default PROFILE_REDIS_URL)")
+    subscribe.add_argument("--topic", help="delta topic to read (default PROFILE_TOPIC_DELTAS)")
+    subscribe.add_argument("--group", help="consumer group (default <PROFILE_APP_ID>-redis-sink)")
+    subscribe.add_argument("--until-caught-up", action="store_true",
+                           help="stop once everything the topic held at start is in Redis (default: run until SIGTERM)")
+    subscribe.set_defaults(func=_cmd_subscribe)
+
+    redis_get = commands.add_parser("redis-get", help="profiles from Redis in snapshot's format (all if no USER)")
+    redis_get.add_argument("users", nargs="*", metavar="USER", help="user id as on the delta topic")
+    redis_get.add_argument("--at", type=float, default=None, help="age values to this epoch time (seconds)")
+    redis_get.add_argument("--redis", default=None, help="Redis URL (default PROFILE_REDIS_URL)")
+    redis_get.add_argument("--raw", action="store_true", help="USER is a real id: pseudonymise it first")
+    redis_get.set_defaults(func=_cmd_redis_get)
 
     replay = commands.add_parser("replay", help="rebuild profiles from history under a new app id")
     replay.add_argument("--name", required=True, help="names the replay's app id and output topic")

@@ -22,8 +22,12 @@ from schemas.events import Event
 from stream_app import metrics
 from stream_app.app import app, settings
 from stream_app.profile import Delta
+from stream_app.pseudonym import pseudonymiser
 from stream_app.topics import dead_letters, events_by_user, profile_deltas
 from stream_app.triage import dead_letter_headers
+
+# Tables and the outbox keep real ids (partitioning, dedup); only what leaves the worker is pseudonymised.
+outgoing_user_id = pseudonymiser(settings.pseudonym_key)
 
 
 def partition_for_user(user_id: str, partitions: int) -> int:
@@ -55,9 +59,10 @@ async def publish_delta(delta: Delta, *, redelivery: bool = False) -> None:
     if not redelivery:
         # Freshness: how long after its newest event a profile change reaches subscribers.
         metrics.DELTA_LAG.observe(max(0.0, time.time() - delta["as_of"]))
-    await app.producer.send(
-        profile_deltas.get_topic_name(), delta["user_id"].encode(), orjson.dumps(delta), None, None, None
-    )
+    user_id = outgoing_user_id(delta["user_id"])
+    if user_id != delta["user_id"]:
+        delta = {**delta, "user_id": user_id}
+    await app.producer.send(profile_deltas.get_topic_name(), user_id.encode(), orjson.dumps(delta), None, None, None)
 
 
 async def publish_dead_letter(message: Message, reason: str) -> None:

@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SEVEN_DAYS_S = 7 * 24 * 3600.0
+MIN_PSEUDONYM_KEY_CHARS = 16
 
 
 class Settings(BaseSettings):
@@ -83,10 +84,20 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description="text for people, json (one object per line) "
                                                                     "for log shippers")
 
+    # -- Serving and privacy ---------------------------------------------------------------------------
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="where `stream-app subscribe` keeps profiles")
+    redis_password: SecretStr | None = Field(None, description="Redis AUTH password (kept out of the URL)")
+    pseudonym_key: SecretStr | None = Field(
+        None, description="HMAC key: user ids leaving the worker become pseudonyms (stream_app.pseudonym)"
+    )
+
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
         if self.security_protocol.startswith("SASL") and (self.sasl_username is None or self.sasl_password is None):
             raise ValueError("SASL security needs PROFILE_SASL_USERNAME and PROFILE_SASL_PASSWORD")
+        if self.pseudonym_key is not None and len(self.pseudonym_key.get_secret_value()) < MIN_PSEUDONYM_KEY_CHARS:
+            # A short key can be guessed, and then every pseudonym can be inverted from a list of ids.
+            raise ValueError(f"PROFILE_PSEUDONYM_KEY needs at least {MIN_PSEUDONYM_KEY_CHARS} characters")
         return self
 
     def weight_for(self, event_type: str) -> float:

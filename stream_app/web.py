@@ -12,13 +12,22 @@ from typing import Any
 import orjson
 from faust.web import Request, Response, View
 
-from stream_app.app import app
+from stream_app.app import app, settings
 from stream_app.profile import ProfileState
+from stream_app.pseudonym import pseudonymiser
 from stream_app.tables import profiles
+
+# The caller passes the real id (the table and its routing are keyed by it); the body carries the same
+# (pseudonymised) id as deltas, snapshot and Redis do. README: "Pseudonymisation".
+outgoing_user_id = pseudonymiser(settings.pseudonym_key)
 
 
 def render(stored: dict[str, Any] | None, at: float | None) -> dict[str, Any] | None:
-    return None if stored is None else ProfileState.from_dict(stored).view(at)
+    if stored is None:
+        return None
+    view = ProfileState.from_dict(stored).view(at)
+    view["user_id"] = outgoing_user_id(view["user_id"])
+    return view
 
 
 @app.page("/profiles/{user_id}")
@@ -35,5 +44,5 @@ async def get_profile(web: View, request: Request, user_id: str) -> Response:
             return web.json({"error": f"at={at_arg!r} is not a finite epoch time in seconds"}, status=400)
     view = render(profiles.get(user_id), at)
     if view is None:
-        return web.json({"error": "unknown user", "user_id": user_id}, status=404)
+        return web.json({"error": "unknown user", "user_id": outgoing_user_id(user_id)}, status=404)
     return web.bytes(orjson.dumps(view), content_type="application/json")
