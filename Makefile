@@ -38,6 +38,11 @@ test: install system-deps
 bench: install
 	$(BIN)/python -m bench.run
 
+# Minutes of steady load on one worker (SOAK_DURATION_S, default 180; SOAK_RATE, default 2000 events/s);
+# writes bench/soak-results.json. Marked `slow`, which plain pytest runs deselect.
+soak: install
+	$(BIN)/pytest -m slow -s tests/soak
+
 lint: install
 	$(BIN)/ruff check stream_app agents schemas tests bench
 	$(BIN)/mypy

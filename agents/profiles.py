@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any, cast
 
 import orjson
@@ -12,7 +13,7 @@ from faust.streams import Stream
 from schemas.events import Event, event_from_trusted_doc
 from stream_app import metrics
 from stream_app.app import app, settings
-from stream_app.profile import ApplyResult, ProfileParams, ProfileState, apply
+from stream_app.profile import ApplyResult, Delta, ProfileParams, ProfileState, apply
 from stream_app.publish import publish_delta
 from stream_app.tables import profiles
 from stream_app.topics import events_by_user
@@ -43,10 +44,13 @@ def update_profile(
 
 @app.agent(events_by_user)
 async def update_profiles(stream: StreamT[bytes]) -> AsyncIterator[int]:
+    # Deltas of the previous batch not yet acknowledged by the broker.
+    unconfirmed_deltas: list[Awaitable[Any]] = []
     # take_events (events, not values) is on the concrete Stream; we need each message's value bytes.
     async for batch in cast(Stream[bytes], stream).take_events(settings.batch_max, within=settings.batch_within_s):
         events = unbundle([e.message.value for e in batch])
         metrics.BATCH_EVENTS.labels("profiles").observe(len(events))
+        outgoing: list[tuple[Delta, bool]] = []
         for user_id, user_events in group_by_user(events).items():
             new_value, result = update_profile(profiles.get(user_id), user_id, user_events)
             if new_value is not None:
@@ -54,8 +58,15 @@ async def update_profiles(stream: StreamT[bytes]) -> AsyncIterator[int]:
             counted = len(result.delta["event_ids"]) if result.delta is not None else 0
             metrics.DUPLICATES.inc(len(user_events) - counted)
             # Re-emissions first: their versions are older than the new delta's.
-            for delta in result.redeliveries:
-                await publish_delta(delta, redelivery=True)
+            outgoing.extend((delta, True) for delta in result.redeliveries)
             if result.delta is not None:
-                await publish_delta(result.delta)
+                outgoing.append((result.delta, False))
+        # A delta leaves only once the table write of its version is stored: after a crash the restarted
+        # worker recovers that version and re-emits the delta when the uncommitted events come again,
+        # instead of counting them into a second, different delta with the same version. Waiting for the
+        # previous batch's deltas here too (they are long done by now) bounds the deltas a crash can lose
+        # to one batch, so they are always still in the profile's outbox.
+        await profiles.confirm_writes()
+        await asyncio.gather(*unconfirmed_deltas)
+        unconfirmed_deltas = [await publish_delta(delta, redelivery=again) for delta, again in outgoing]
         yield len(events)

@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,11 +98,17 @@ def topic_for(settings: Settings, event: dict[str, Any]) -> str:
             "review": settings.topic_reviews}[event["type"]]
 
 
-async def produce(settings: Settings, events: Sequence[dict[str, Any]], rate: float | None = None) -> dict[str, float]:
-    """Send events (at `rate` per second if given); returns event_id -> wall time it was handed to Kafka."""
+async def produce(
+    settings: Settings, events: Iterable[dict[str, Any]], rate: float | None = None,
+    sent_at: dict[str, float] | None = None,
+) -> dict[str, float]:
+    """Send events (at `rate` per second if given); returns event_id -> wall time it was handed to Kafka.
+
+    Pass `sent_at` to watch it fill while sending (the soak test measures latency as it goes).
+    """
     client = producer(settings, linger_ms=2)
     await client.start()
-    sent_at: dict[str, float] = {}
+    sent_at = {} if sent_at is None else sent_at
     try:
         started = time.perf_counter()
         pending = []
@@ -124,32 +130,53 @@ async def produce(settings: Settings, events: Sequence[dict[str, Any]], rate: fl
     return sent_at
 
 
-async def tail_deltas(settings: Settings, expected_events: int, timeout_s: float) -> list[tuple[float, list[str]]]:
-    """(arrival wall time, event ids) of every delta until `expected_events` distinct events are covered."""
+async def follow_deltas(settings: Settings) -> AsyncIterator[list[tuple[float, list[str]]]]:
+    """From the beginning of the deltas topic, forever: (arrival wall time, event ids) per delta, per fetch.
+
+    Yields every ~100 ms, an empty list when nothing arrived, so callers can check their deadlines.
+    """
     from aiokafka.structs import TopicPartition
 
     client = consumer(settings, fetch_max_wait_ms=20, max_partition_fetch_bytes=4 * 1024 * 1024)
     await client.start()
-    arrivals: list[tuple[float, list[str]]] = []
-    covered: set[str] = set()
     try:
         tps = [TopicPartition(settings.topic_deltas, p) for p in range(settings.partitions)]
         client.assign(tps)
         await client.seek_to_beginning(*tps)
-        deadline = time.monotonic() + timeout_s
-        while len(covered) < expected_events:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(covered)} of {expected_events} events reached a delta")
+        while True:
             batch = await client.getmany(timeout_ms=100, max_records=10_000)
             now = time.perf_counter()
-            for records in batch.values():
-                for record in records:
-                    ids = orjson.loads(record.value)["event_ids"]
-                    arrivals.append((now, ids))
-                    covered.update(ids)
+            yield [(now, orjson.loads(record.value)["event_ids"]) for records in batch.values() for record in records]
     finally:
         await client.stop()
+
+
+async def tail_deltas(settings: Settings, expected_events: int, timeout_s: float) -> list[tuple[float, list[str]]]:
+    """(arrival wall time, event ids) of every delta until `expected_events` distinct events are covered."""
+    arrivals: list[tuple[float, list[str]]] = []
+    covered: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    follower = follow_deltas(settings)
+    try:
+        async for fetched in follower:
+            arrivals.extend(fetched)
+            for _, ids in fetched:
+                covered.update(ids)
+            if len(covered) >= expected_events:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(covered)} of {expected_events} events reached a delta")
+    finally:
+        await follower.aclose()
     return arrivals
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process (Linux /proc VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise ValueError(f"no VmRSS for process {pid}")
 
 
 def cpu_seconds(pid: int) -> float:

@@ -12,7 +12,8 @@ which is also where the profile table's changelog (`use_partitioner=True`) puts 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
+from typing import Any
 
 import orjson
 from aiokafka.partitioner import murmur2
@@ -54,7 +55,8 @@ async def publish_events(events: Sequence[Event]) -> None:
         await app.producer.send(topic, None, encode_bundle(bundle), partition, None, None)
 
 
-async def publish_delta(delta: Delta, *, redelivery: bool = False) -> None:
+async def publish_delta(delta: Delta, *, redelivery: bool = False) -> Awaitable[Any]:
+    """Hand a delta to the producer; the result completes when the broker has stored it."""
     metrics.DELTAS.labels("redelivery" if redelivery else "new").inc()
     if not redelivery:
         # Freshness: how long after its newest event a profile change reaches subscribers.
@@ -62,7 +64,9 @@ async def publish_delta(delta: Delta, *, redelivery: bool = False) -> None:
     user_id = outgoing_user_id(delta["user_id"])
     if user_id != delta["user_id"]:
         delta = {**delta, "user_id": user_id}
-    await app.producer.send(profile_deltas.get_topic_name(), user_id.encode(), orjson.dumps(delta), None, None, None)
+    return await app.producer.send(
+        profile_deltas.get_topic_name(), user_id.encode(), orjson.dumps(delta), None, None, None
+    )
 
 
 async def publish_dead_letter(message: Message, reason: str) -> None:

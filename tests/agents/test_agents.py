@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from unittest.mock import AsyncMock, patch
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+from unittest.mock import AsyncMock, MagicMock, patch
 
+import faust
 import orjson
 import pytest
 
@@ -17,13 +21,20 @@ from stream_app.publish import encode_bundle
 from stream_app.tables import profiles
 
 
+def stored(*_args: Any, **_kwargs: Any) -> asyncio.Future[None]:
+    """What publish_delta returns: a send the broker has already acknowledged."""
+    done = asyncio.get_running_loop().create_future()
+    done.set_result(None)
+    return done
+
+
 @pytest.fixture
 def sent() -> Iterator[dict[str, AsyncMock]]:
     with patch("agents.ingest.publish_events", new_callable=AsyncMock) as events, \
          patch("agents.ingest.publish_dead_letter", new_callable=AsyncMock) as dlq, \
          patch("agents.reviews.publish_events", new_callable=AsyncMock) as reviews, \
          patch("agents.reviews.publish_dead_letter", new_callable=AsyncMock) as review_dlq, \
-         patch("agents.profiles.publish_delta", new_callable=AsyncMock) as deltas, \
+         patch("agents.profiles.publish_delta", new_callable=AsyncMock, side_effect=stored) as deltas, \
          patch.object(profiles, "send_changelog") as changelog:
         changelog.return_value.message.partition = 0
         yield {"events": events, "dlq": dlq, "deltas": deltas, "reviews": reviews, "review_dlq": review_dlq}
@@ -80,3 +91,40 @@ async def test_reviews_agent_encodes_drops_text_and_dead_letters_bad_reviews(sen
         assert event.text is None  # review text does not travel past the encoder
         assert event.embedding == encoded.embedding and event.sentiment == encoded.sentiment
         assert event.rating == 5 and event.category == "dresses"
+
+
+class PendingWrite(asyncio.Future[None]):
+    """A changelog write the broker has not acknowledged yet."""
+
+    message = MagicMock(partition=0)
+
+
+async def until(condition: Callable[[], object], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_delta_is_published_only_after_its_table_write_is_stored() -> None:
+    # Otherwise a crash between the two keeps the delta but loses the version it announces (see ProfileTable).
+    writes: list[PendingWrite] = []
+
+    def send_changelog(*_args: Any, **_kwargs: Any) -> PendingWrite:
+        writes.append(PendingWrite())
+        return writes[-1]
+
+    event = Event("e1", "u1", 0.0, "click", item_id="i")
+    with patch("agents.profiles.publish_delta", new_callable=AsyncMock, side_effect=stored) as deltas, \
+         patch.object(faust.Table, "send_changelog", side_effect=send_changelog):
+        try:
+            async with update_profiles.test_context() as agent:
+                await agent.put(encode_bundle([event]), wait=False)
+                await until(lambda: writes)
+                await asyncio.sleep(0.2)  # room for a premature send; nothing can be waited on for its absence
+                assert deltas.await_count == 0
+                writes[0].set_result(None)
+                await until(lambda: deltas.await_count == 1)
+        finally:
+            profiles.data.clear()
+    assert deltas.await_args is not None and deltas.await_args.args[0]["version"] == 1
