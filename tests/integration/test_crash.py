@@ -71,16 +71,13 @@ class DeltaTail:
 
 
 def assigned(stack: Stack, worker: int) -> set[int]:
-    """The by-user partitions a worker was last assigned, from the assignment table Faust logs at INFO."""
+    """The by-user partitions a worker was last assigned, from the assignment aiokafka logs at INFO."""
     log = (stack.workdir / f"worker-{worker}.log").read_text(errors="replace")
+    assignments = re.findall(r"Setting newly assigned partitions (.*)", log)
+    if not assignments:
+        return set()
     topic = re.escape(f"{stack.settings.app_id}-events-by-user")
-    tables = re.findall(rf"\| {topic} +\| \{{([0-9, -]*)\}}", log)
-    partitions: set[int] = set()
-    for item in tables[-1].split(",") if tables else ():
-        first, _, last = item.strip().partition("-")  # Faust writes runs as "0-2"
-        if first:
-            partitions.update(range(int(first), int(last or first) + 1))
-    return partitions
+    return {int(p) for p in re.findall(rf"TopicPartition\(topic='{topic}', partition=(\d+)\)", assignments[-1])}
 
 
 def wait_until(condition: Any, timeout_s: float, what: str) -> None:
