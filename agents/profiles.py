@@ -51,12 +51,13 @@ async def update_profiles(stream: StreamT[bytes]) -> AsyncIterator[int]:
         events = unbundle([e.message.value for e in batch])
         metrics.BATCH_EVENTS.labels("profiles").observe(len(events))
         outgoing: list[tuple[Delta, bool]] = []
+        duplicates = 0
         for user_id, user_events in group_by_user(events).items():
             new_value, result = update_profile(profiles.get(user_id), user_id, user_events)
             if new_value is not None:
                 profiles[user_id] = new_value
             counted = len(result.delta["event_ids"]) if result.delta is not None else 0
-            metrics.DUPLICATES.inc(len(user_events) - counted)
+            duplicates += len(user_events) - counted
             # Re-emissions first: their versions are older than the new delta's.
             outgoing.extend((delta, True) for delta in result.redeliveries)
             if result.delta is not None:
@@ -66,6 +67,7 @@ async def update_profiles(stream: StreamT[bytes]) -> AsyncIterator[int]:
         # instead of counting them into a second, different delta with the same version. Waiting for the
         # previous batch's deltas here too (they are long done by now) bounds the deltas a crash can lose
         # to one batch, so they are always still in the profile's outbox.
+        metrics.DUPLICATES.inc(duplicates)
         await profiles.confirm_writes()
         await asyncio.gather(*unconfirmed_deltas)
         unconfirmed_deltas = [await publish_delta(delta, redelivery=again) for delta, again in outgoing]
