@@ -128,3 +128,29 @@ async def test_a_delta_is_published_only_after_its_table_write_is_stored() -> No
         finally:
             profiles.data.clear()
     assert deltas.await_args is not None and deltas.await_args.args[0]["version"] == 1
+
+
+async def test_review_micro_batches_close_on_size_or_on_time(sent: dict[str, AsyncMock],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from agents import reviews as reviews_module
+
+    monkeypatch.setattr(reviews_module.settings, "review_batch_max", 2)
+    monkeypatch.setattr(reviews_module.settings, "review_batch_within_s", 1.5)
+    use_encoder(FakeEncoder())
+    try:
+        async with encode_reviews.test_context() as agent:
+            started = time.monotonic()
+            for index in range(3):
+                review = {"event_id": f"r{index}", "user_id": "u1", "ts": 100 + index, "type": "review",
+                          "item_id": "i", "text": f"review number {index}"}
+                await agent.put(orjson.dumps(review), key=b"u1", wait=False)
+            await until(lambda: sent["reviews"].await_count >= 1)
+            full_after = time.monotonic() - started
+            await until(lambda: sent["reviews"].await_count >= 2)
+            partial_after = time.monotonic() - started
+    finally:
+        use_encoder(None)
+    batches = [[e.event_id for e in call.args[0]] for call in sent["reviews"].await_args_list]
+    assert batches == [["r0", "r1"], ["r2"]]
+    assert full_after < 1.0  # a full batch does not wait for `within`
+    assert partial_after >= 1.4  # the last one waited for `within`, then went alone
