@@ -26,6 +26,7 @@ def faust_config(settings: Settings) -> dict[str, Any]:
         "web_enabled": settings.web_enabled,
         "web_port": settings.web_port,
         "web_host": settings.web_host,
+        "web_bind": settings.web_host,  # Faust binds 0.0.0.0 unless told: only where we were asked to listen
         "canonical_url": settings.web_canonical_url or f"http://{settings.web_host}:{settings.web_port}",
         "autodiscover": False,
         "consumer_auto_offset_reset": "earliest",

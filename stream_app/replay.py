@@ -69,8 +69,12 @@ class ReplayPlan:
 
     def worker_env(self, data_dir: Path) -> dict[str, str]:
         env = dict(os.environ)
+        # The replay worker runs beside the live one: its HTTP port is its own (WorkerProcess picks a free one).
+        private = {"web_port", "web_canonical_url"}
         for name, value in self.replay_settings.model_dump().items():
-            if value is not None and not hasattr(value, "get_secret_value"):
+            if name in private:
+                env.pop(f"PROFILE_{name.upper()}", None)
+            elif value is not None and not hasattr(value, "get_secret_value"):
                 env[f"PROFILE_{name.upper()}"] = str(value)
         secret = self.replay_settings.sasl_password
         if secret is not None:
@@ -119,11 +123,16 @@ async def seed_group_offsets(settings: Settings, group_id: str, topics: Sequence
     await client.start()
     try:
         tps = [TopicPartition(t, p) for t in topics for p in (client.partitions_for_topic(t) or set())]
-        found = await client.offsets_for_times({tp: int(since * 1000) for tp in tps})
+        if settings.embedded_broker:
+            from stream_app.tansu_workarounds import offsets_for_times_by_scan
+
+            first = await offsets_for_times_by_scan(settings.bootstrap_servers, tps, int(since * 1000))
+        else:
+            found = await client.offsets_for_times({tp: int(since * 1000) for tp in tps})
+            first = {tp: None if hit is None else hit.offset for tp, hit in found.items()}
         ends = await end_offsets(settings, topics)
         client.assign(tps)
-        offsets = {tp: OffsetAndMetadata(hit.offset if hit is not None else ends[tp], "")
-                   for tp, hit in found.items()}
+        offsets = {tp: OffsetAndMetadata(ends[tp] if offset is None else offset, "") for tp, offset in first.items()}
         await client.commit(offsets)
     finally:
         await client.stop()

@@ -15,13 +15,16 @@ without it.
    fail: `exactly_once` is refused up front with a clear message.
 4. Faust hard-codes fetch_max_wait_ms=1500; on Tansu an empty fetch waits that long every time, which
    gives ~1 s event-to-delta latency. 100 ms gives ~80 ms.
+5. ListOffsets by timestamp (offsets-for-times) answers offset 0 whatever the timestamp, so a replay
+   `--since T` would start at the beginning. We find the first record with timestamp >= T by reading the
+   partition (the embedded broker holds demo- and test-sized data in memory; real Kafka has an index).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from stream_app.settings import Settings
@@ -119,3 +122,40 @@ async def true_end_offsets(bootstrap: Any, listed: Mapping[Any, int], timeout_s:
     finally:
         await probe.stop()
     return result
+
+
+async def offsets_for_times_by_scan(
+    bootstrap: Any, partitions: Sequence[Any], timestamp_ms: int, timeout_s: float = 120.0
+) -> dict[Any, int | None]:
+    """Per partition, the offset of the first record with timestamp >= timestamp_ms (None: no such record)."""
+    import aiokafka
+
+    found: dict[Any, int | None] = {tp: None for tp in partitions}
+    if not partitions:
+        return found
+    scanner = aiokafka.AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, fetch_max_wait_ms=50,
+    )
+    await scanner.start()
+    try:
+        ends = await true_end_offsets(bootstrap, await scanner.end_offsets(list(partitions)))
+        pending = [tp for tp in partitions if ends[tp] > 0]
+        if not pending:
+            return found
+        scanner.assign(pending)
+        await scanner.seek_to_beginning(*pending)
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"scanning {sorted(map(str, pending))} for timestamps took over {timeout_s} s")
+            batch = await scanner.getmany(*pending, timeout_ms=200, max_records=10_000)
+            for tp, records in batch.items():
+                hit = next((r.offset for r in records if r.timestamp >= timestamp_ms), None)
+                if hit is not None:
+                    found[tp] = hit
+                    pending.remove(tp)
+                elif records and records[-1].offset + 1 >= ends[tp]:
+                    pending.remove(tp)
+    finally:
+        await scanner.stop()
+    return found

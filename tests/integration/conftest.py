@@ -122,8 +122,10 @@ class Stack:
             assert remaining == 0, f"{remaining} messages not delivered"
 
     # -- reading ------------------------------------------------------------------------------------
-    def deltas(self) -> list[dict[str, Any]]:
-        return asyncio.run(read_deltas(self.settings))
+    def deltas(self, topic: str | None = None) -> list[dict[str, Any]]:
+        """Deltas of the stack's delta topic, or of another one (a replay's)."""
+        settings = self.settings if topic is None else self.settings.model_copy(update={"topic_deltas": topic})
+        return asyncio.run(read_deltas(settings))
 
     def records(self, topic: str) -> list[Any]:
         return asyncio.run(read_topic(self.settings, topic))

@@ -67,6 +67,13 @@ def test_live_equals_replay_equals_shuffled_repartitioned_replay(stack: Stack, t
     replayed = stack.snapshot_cli("--topic", f"{stack.settings.topic_deltas}-replay-from-topics")
     assert_same_profiles(replayed, live)
 
+    # From a time on: the replay starts every input partition at the first record (Kafka timestamp = event
+    # time) at or after it, so exactly the events from then on are counted.
+    since = sorted(e["ts"] for e in events)[len(events) // 2]
+    stack.cli("replay", "--name", "since", "--since", str(since), "--quiet")
+    counted = {eid for d in stack.deltas(f"{stack.settings.topic_deltas}-replay-since") for eid in d["event_ids"]}
+    assert counted == {e["event_id"] for e in events if e["ts"] >= since}
+
     shuffled = events[:]
     random.Random(11).shuffle(shuffled)
     path = tmp_path / "shuffled.parquet"
