@@ -154,3 +154,33 @@ async def test_review_micro_batches_close_on_size_or_on_time(sent: dict[str, Asy
     assert batches == [["r0", "r1"], ["r2"]]
     assert full_after < 1.0  # a full batch does not wait for `within`
     assert partial_after >= 1.4  # the last one waited for `within`, then went alone
+
+
+class PoisonSensitiveEncoder(FakeEncoder):
+    """Fails any forward pass that contains the text 'poison', like a model choking on one input."""
+
+    def forward(self, inputs: list[list[int]]) -> list[Any]:
+        if any(b"poison" in bytes(ids) for ids in inputs):
+            raise ValueError("cannot encode")
+        return super().forward(inputs)
+
+
+async def test_a_text_the_encoder_fails_on_is_dead_lettered_and_the_rest_of_its_batch_is_not(
+    sent: dict[str, AsyncMock], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agents import reviews as reviews_module
+
+    monkeypatch.setattr(reviews_module.settings, "review_batch_max", 3)
+    use_encoder(PoisonSensitiveEncoder())
+    try:
+        async with encode_reviews.test_context() as agent:
+            for index, text in enumerate(["fine one", "poison pill", "fine two"]):
+                review = {"event_id": f"r{index}", "user_id": "u1", "ts": 100 + index, "type": "review",
+                          "item_id": "i", "text": text}
+                await agent.put(orjson.dumps(review), key=b"u1", wait=False)
+            await until(lambda: sent["reviews"].await_count >= 1)
+    finally:
+        use_encoder(None)
+    dead = [(orjson.loads(call.args[0].value)["event_id"], call.args[1]) for call in sent["review_dlq"].await_args_list]
+    assert dead == [("r1", "encoder failed on this text: ValueError")]
+    assert [e.event_id for call in sent["reviews"].await_args_list for e in call.args[0]] == ["r0", "r2"]
