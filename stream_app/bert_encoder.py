@@ -174,6 +174,6 @@ class BertEncoder:
 
 
 def _default_threads() -> int:
-    # Measured on 2 cores shared with the broker: 2 torch threads gave ~40% more reviews/s end to end than
+    # Measured on 2 cores shared with the broker: 2 torch threads gave 40-60% more reviews/s end to end than
     # 1 (the forward pass runs off the event loop, which still gets its share); see README, benchmarks.
     return os.cpu_count() or 1
