@@ -13,7 +13,6 @@ from typing import cast
 
 from faust import StreamT
 from faust.streams import Stream
-from faust.types import Message
 
 from schemas.events import Event
 from stream_app import metrics
@@ -21,9 +20,8 @@ from stream_app.app import app, settings
 from stream_app.encoder import Encoded, TextEncoder
 from stream_app.encoder_pipeline import EncoderPipeline
 from stream_app.health import readiness_checks
-from stream_app.publish import publish_dead_letter, publish_events
+from stream_app.publish import admit, publish_dead_letter, publish_events
 from stream_app.topics import reviews
-from stream_app.triage import Rejection, triage
 
 _pipeline: EncoderPipeline | None = None
 _pipeline_lock = asyncio.Lock()
@@ -83,14 +81,7 @@ async def encode_reviews(stream: StreamT[bytes]) -> AsyncIterator[int]:
     batches = cast(Stream[bytes], stream).take_events(settings.review_batch_max, within=settings.review_batch_within_s)
     async for batch in batches:
         metrics.BATCH_EVENTS.labels("reviews").observe(len(batch))
-        valid: list[tuple[Event, Message]] = []
-        for event in batch:
-            message = event.message
-            verdict = triage(settings, message.topic, message.key, message.value)
-            if isinstance(verdict, Rejection):
-                await publish_dead_letter(message, verdict.reason)
-            else:
-                valid.append((verdict, message))
+        valid = await admit(batch)
         results = await encode_or_isolate(await pipeline(), [e for e, _ in valid]) if valid else []
         enriched: list[Event] = []
         for (review, message), result in zip(valid, results, strict=True):

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 from aiokafka.partitioner import murmur2
-from faust.types import Message
+from faust.types import EventT, Message
 
 from schemas.events import Event
 from stream_app import metrics
@@ -26,7 +26,7 @@ from stream_app.app import app, settings
 from stream_app.profile import Delta
 from stream_app.pseudonym import pseudonymiser
 from stream_app.topics import dead_letters, events_by_user, profile_deltas
-from stream_app.triage import dead_letter_headers
+from stream_app.triage import Rejection, dead_letter_headers, triage
 
 # Tables and the outbox keep real ids (partitioning, dedup); only what leaves the worker is pseudonymised.
 outgoing_user_id = pseudonymiser(settings.pseudonym_key)
@@ -75,3 +75,16 @@ async def publish_dead_letter(message: Message, reason: str) -> None:
     metrics.DEAD_LETTERS.labels(metrics.dead_letter_kind(reason)).inc()
     await app.producer.send(dead_letters.get_topic_name(), message.key, message.value, None, None,
                             dead_letter_headers(reason, message))
+
+
+async def admit(batch: Iterable[EventT]) -> list[tuple[Event, Message]]:
+    """The valid events of a micro-batch, with their messages; every other message becomes a dead letter."""
+    admitted: list[tuple[Event, Message]] = []
+    for stream_event in batch:
+        message = stream_event.message
+        verdict = triage(settings, message.topic, message.key, message.value)
+        if isinstance(verdict, Rejection):
+            await publish_dead_letter(message, verdict.reason)
+        else:
+            admitted.append((verdict, message))
+    return admitted

@@ -31,7 +31,7 @@ def stored(*_args: Any, **_kwargs: Any) -> asyncio.Future[None]:
 @pytest.fixture
 def sent() -> Iterator[dict[str, AsyncMock]]:
     with patch("agents.ingest.publish_events", new_callable=AsyncMock) as events, \
-         patch("agents.ingest.publish_dead_letter", new_callable=AsyncMock) as dlq, \
+         patch("stream_app.publish.publish_dead_letter", new_callable=AsyncMock) as dlq, \
          patch("agents.reviews.publish_events", new_callable=AsyncMock) as reviews, \
          patch("agents.reviews.publish_dead_letter", new_callable=AsyncMock) as review_dlq, \
          patch("agents.profiles.publish_delta", new_callable=AsyncMock, side_effect=stored) as deltas, \
@@ -82,8 +82,9 @@ async def test_reviews_agent_encodes_drops_text_and_dead_letters_bad_reviews(sen
             await agent.put(orjson.dumps({**review, "event_id": "r3", "text": "bad seams"}), key=b"u1")
     finally:
         use_encoder(None)
-    dead = [call.args[1] for call in sent["review_dlq"].await_args_list]
+    dead = [call.args[1] for call in sent["dlq"].await_args_list]
     assert dead == ["rating 9 is out of range 1-5"]
+    assert sent["review_dlq"].await_count == 0  # that one is for texts the encoder fails on
     forwarded = [event for call in sent["reviews"].await_args_list for event in call.args[0]]
     assert [e.event_id for e in forwarded] == ["r1", "r3"]
     expected = [encoder.forward(encoder.tokenize([text]))[0] for text in ("good fit", "bad seams")]

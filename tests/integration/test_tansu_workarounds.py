@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import pytest
+from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
 from stream_app import tansu_workarounds
@@ -15,29 +18,40 @@ from stream_app.settings import Settings
 
 pytestmark = pytest.mark.integration
 
+T = TypeVar("T")
+
 
 def embedded(broker: EmbeddedBroker, **kwargs: object) -> Settings:
     return Settings(broker_url=broker.url, embedded_broker=True, **kwargs)  # type: ignore[arg-type]
 
 
-async def test_list_offsets_is_short_and_fetch_high_watermark_is_not(broker: EmbeddedBroker) -> None:
-    settings = embedded(broker)
-    topic = "workaround-end-offsets"
+async def write(settings: Settings, topic: str, bursts: Sequence[Sequence[int | None]]) -> None:
+    """Records to partition 0; each burst is sent together (one batch on the broker), each entry is a
+    record's timestamp in ms (None: now)."""
     client = producer(settings, linger_ms=0)
     await client.start()
     try:
-        for burst in range(3):  # three separate batches of 5 records
-            await asyncio.gather(*[await client.send(topic, b"x", partition=0) for _ in range(5)])
-            del burst
+        for burst in bursts:
+            await asyncio.gather(*[await client.send(topic, b"x", partition=0, timestamp_ms=ts) for ts in burst])
     finally:
         await client.stop()
-    tp = TopicPartition(topic, 0)
+
+
+async def ask(settings: Settings, question: Callable[[AIOKafkaConsumer], Awaitable[T]]) -> T:
     reader = consumer(settings)
     await reader.start()
     try:
-        listed = (await reader.end_offsets([tp]))[tp]
+        return await question(reader)
     finally:
         await reader.stop()
+
+
+async def test_list_offsets_is_short_and_fetch_high_watermark_is_not(broker: EmbeddedBroker) -> None:
+    settings = embedded(broker)
+    topic = "workaround-end-offsets"
+    await write(settings, topic, [[None] * 5] * 3)  # three separate batches of 5 records
+    tp = TopicPartition(topic, 0)
+    listed = (await ask(settings, lambda reader: reader.end_offsets([tp])))[tp]
     # Tansu's quirk: "base offset of the last batch + 1". If this ever equals 15, Tansu was fixed and
     # item 2 of the work-arounds can go.
     assert listed < 15
@@ -48,20 +62,9 @@ async def test_list_offsets_is_short_and_fetch_high_watermark_is_not(broker: Emb
 async def test_offsets_for_times_ignores_the_time_and_the_scan_does_not(broker: EmbeddedBroker) -> None:
     settings = embedded(broker)
     topic = "workaround-offsets-for-times"
-    client = producer(settings, linger_ms=0)
-    await client.start()
-    try:
-        for second in range(10):  # record n has timestamp 1,000,000 + n seconds
-            await (await client.send(topic, b"x", partition=0, timestamp_ms=(1_000_000 + second) * 1000))
-    finally:
-        await client.stop()
+    await write(settings, topic, [[(1_000_000 + second) * 1000] for second in range(10)])  # record n: 1e6 + n s
     tp = TopicPartition(topic, 0)
-    reader = consumer(settings)
-    await reader.start()
-    try:
-        listed = (await reader.offsets_for_times({tp: 1_000_006 * 1000}))[tp]
-    finally:
-        await reader.stop()
+    listed = (await ask(settings, lambda reader: reader.offsets_for_times({tp: 1_000_006 * 1000})))[tp]
     # Tansu's quirk: offset 0 for any time. If this ever says 6, item 5 of the work-arounds can go.
     assert listed is not None and listed.offset == 0
     scanned = await tansu_workarounds.offsets_for_times_by_scan(settings.bootstrap_servers, [tp], 1_000_006 * 1000)
