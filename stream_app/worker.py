@@ -13,6 +13,12 @@ def run_worker() -> None:
     settings = get_settings()
     # Before anything can log: topic creation already talks to the broker.
     configure_logging(settings)
+    from stream_app.bert_encoder import EncoderConfigurationError, check_configuration
+
+    try:
+        check_configuration(settings)
+    except EncoderConfigurationError as exc:
+        raise SystemExit(f"stream-app worker: {exc}") from exc
     asyncio.run(ensure_topics(settings))
 
     from faust.worker import Worker

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from stream_app.bert_encoder import BertEncoder, default_model_dir, resolve_precision
+from stream_app.bert_encoder import (
+    BertEncoder,
+    EncoderConfigurationError,
+    check_configuration,
+    default_model_dir,
+    resolve_precision,
+)
 from stream_app.encoder_pipeline import EncoderPipeline
 from stream_app.sentiment import SentimentHead
 from stream_app.settings import Settings
@@ -119,3 +128,25 @@ def test_sentiment_head_rejects_a_mismatched_dimension(tmp_path: Path) -> None:
     path = tmp_path / "head.json"
     small.save(path)
     assert SentimentHead.load(path).dimension == 8
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"PROFILE_ENCODER_MODEL": "/nonexistent/model"}, "PROFILE_ENCODER_MODEL: no Hugging Face model"),
+    ({"PROFILE_SENTIMENT_HEAD": "/nonexistent/head.json"}, "PROFILE_SENTIMENT_HEAD: no such file"),
+    ({"PROFILE_ENCODER_DEVICE": "cpu", "PROFILE_ENCODER_PRECISION": "fp16"}, "fp16 is for CUDA"),
+])
+def test_a_worker_with_a_bad_encoder_setting_exits_at_once_with_the_reason(env: dict[str, str], message: str) -> None:
+    # No broker at this URL: the check must come before anything talks to Kafka.
+    result = subprocess.run(
+        [sys.executable, "-m", "stream_app.cli", "worker"], capture_output=True, timeout=120,
+        env={**os.environ, "PROFILE_BROKER_URL": "kafka://127.0.0.1:9", **env},
+    )
+    assert result.returncode != 0
+    assert message in result.stderr.decode()
+
+
+def test_cuda_without_a_gpu_is_a_configuration_error() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(EncoderConfigurationError, match="torch sees no CUDA device"):
+        check_configuration(Settings(encoder_device="cuda"))
