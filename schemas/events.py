@@ -214,7 +214,6 @@ def _json_error(raw: bytes, exc: orjson.JSONDecodeError) -> str:
     return message
 
 
-
 def event_from_trusted_json(raw: bytes) -> Event:
     """Decode an event the ingest agent already validated (the internal by-user topic)."""
     return event_from_trusted_doc(orjson.loads(raw))

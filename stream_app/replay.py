@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
+from pydantic import SecretStr
 from tqdm import tqdm
 
 from stream_app.kafka_clients import consumer, ensure_topics
@@ -74,11 +75,10 @@ class ReplayPlan:
         for name, value in self.replay_settings.model_dump().items():
             if name in private:
                 env.pop(f"PROFILE_{name.upper()}", None)
-            elif value is not None and not hasattr(value, "get_secret_value"):
+            elif isinstance(value, SecretStr):
+                env[f"PROFILE_{name.upper()}"] = value.get_secret_value()
+            elif value is not None:
                 env[f"PROFILE_{name.upper()}"] = str(value)
-        secret = self.replay_settings.sasl_password
-        if secret is not None:
-            env["PROFILE_SASL_PASSWORD"] = secret.get_secret_value()
         env["PROFILE_DATA_DIR"] = str(data_dir)
         return env
 

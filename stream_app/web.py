@@ -12,14 +12,13 @@ from typing import Any
 import orjson
 from faust.web import Request, Response, View
 
-from stream_app.app import app, settings
+from stream_app.app import app
 from stream_app.profile import ProfileState
-from stream_app.pseudonym import pseudonymiser
+from stream_app.publish import outgoing_user_id
 from stream_app.tables import profiles
 
 # The caller passes the real id (the table and its routing are keyed by it); the body carries the same
 # (pseudonymised) id as deltas, snapshot and Redis do. README: "Pseudonymisation".
-outgoing_user_id = pseudonymiser(settings.pseudonym_key)
 
 
 def render(stored: dict[str, Any] | None, at: float | None) -> dict[str, Any] | None:

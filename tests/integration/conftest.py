@@ -13,8 +13,10 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +175,28 @@ class Stack:
         self._producer = None
         for process in self.workers:
             self.stop_worker(process, signal.SIGKILL)
+
+
+def http_get(port: int, path: str) -> tuple[int, Any]:
+    """Status and JSON body of a GET on a worker's HTTP port (error statuses too)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:  # noqa: S310
+            return response.status, orjson.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, orjson.loads(error.read())
+
+
+def eventually(check: Callable[[], None], timeout_s: float = 60.0, interval_s: float = 1.0) -> None:
+    """Run `check` until it passes; after `timeout_s` its last AssertionError (or OSError) is raised."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            check()
+            return
+        except (AssertionError, OSError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(interval_s)
 
 
 @pytest.fixture

@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import time
-import urllib.error
-import urllib.request
-from typing import Any
-
-import orjson
 import pytest
 
-from tests.integration.conftest import Stack
+from tests.integration.conftest import Stack, eventually, http_get
 
 pytestmark = pytest.mark.integration
-
-
-def get(port: int, path: str) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:  # noqa: S310
-            return response.status, orjson.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, orjson.loads(error.read())
 
 
 def test_profiles_by_http_from_either_of_two_workers(stack: Stack) -> None:
@@ -34,20 +20,15 @@ def test_profiles_by_http_from_either_of_two_workers(stack: Stack) -> None:
     at = 1_700_003_600.0
     aged = {p["user_id"]: p for p in stack.snapshot_cli("--at", str(at))}
 
-    deadline = time.monotonic() + 60  # a rebalance between the two workers may still be settling
-    while True:
-        try:
-            for port in stack.web_ports:
-                for user, expected in snapshot.items():
-                    assert get(port, f"/profiles/{user}") == (200, expected)
-                    assert get(port, f"/profiles/{user}?at={at}") == (200, aged[user])
-            break
-        except (AssertionError, OSError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
+    def every_worker_answers_for_every_user() -> None:
+        for port in stack.web_ports:
+            for user, expected in snapshot.items():
+                assert http_get(port, f"/profiles/{user}") == (200, expected)
+                assert http_get(port, f"/profiles/{user}?at={at}") == (200, aged[user])
 
-    status, body = get(stack.web_ports[0], "/profiles/nobody")
+    eventually(every_worker_answers_for_every_user)  # a rebalance between the two workers may still be settling
+
+    status, body = http_get(stack.web_ports[0], "/profiles/nobody")
     assert status == 404 and body["error"] == "unknown user"
-    status, body = get(stack.web_ports[1], "/profiles/user-1?at=soon")
+    status, body = http_get(stack.web_ports[1], "/profiles/user-1?at=soon")
     assert status == 400 and "not a finite epoch time" in body["error"]

@@ -8,8 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ import redis
 from stream_app.embedded_broker import free_port
 from stream_app.pseudonym import pseudonym
 from stream_app.sample_data import sample_events
-from tests.integration.conftest import ROOT, Stack
+from tests.integration.conftest import ROOT, Stack, eventually, http_get
 from tests.oracle import assert_view_matches
 
 pytestmark = pytest.mark.integration
@@ -192,14 +190,6 @@ def test_a_subscriber_killed_mid_stream_resumes_without_loss_or_double_counting(
     assert_same_profiles(redis_views(stack, redis_url), snapshot)
 
 
-def http_get(port: int, path: str) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:  # noqa: S310
-            return response.status, orjson.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, orjson.loads(error.read())
-
-
 def test_with_a_pseudonym_key_no_raw_user_id_leaves_the_worker(make_stack: Any, redis_url: str) -> None:
     key = "integration-test-pseudonym-key"
     stack = make_stack(PROFILE_PSEUDONYM_KEY=key)
@@ -233,15 +223,11 @@ def test_with_a_pseudonym_key_no_raw_user_id_leaves_the_worker(make_stack: Any, 
 
     # The HTTP lookup takes the real id (internal callers) and answers with the pseudonym.
     by_alias = {p["user_id"]: p for p in snapshot}
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            for raw in raw_ids:
-                assert http_get(stack.web_ports[0], f"/profiles/{raw}") == (200, by_alias[aliases[raw]])
-            break
-        except (AssertionError, OSError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
+
+    def lookups_answer_with_pseudonyms() -> None:
+        for raw in raw_ids:
+            assert http_get(stack.web_ports[0], f"/profiles/{raw}") == (200, by_alias[aliases[raw]])
+
+    eventually(lookups_answer_with_pseudonyms)
     status, body = http_get(stack.web_ports[0], "/profiles/nobody")
     assert status == 404 and body["user_id"] == pseudonym(key.encode(), "nobody")
