@@ -111,6 +111,11 @@ class BertEncoder:
         warm_up: bool = True,
     ) -> None:
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
+
+        # transformers writes through a stderr handler of its own: hand its records to ours instead.
+        transformers_logging.disable_default_handler()
+        transformers_logging.enable_propagation()
 
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         if not (self.model_dir / "config.json").is_file():

@@ -8,11 +8,19 @@ replaced by their length, so an accidental `log.info("%r", message.value)` canno
 
 from __future__ import annotations
 
+import atexit
+import fcntl
 import logging
 import logging.config
-from collections.abc import Iterable
+import os
+import struct
+import sys
+import termios
+import threading
+import time
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, TextIO
 
 import orjson
 from pydantic import SecretStr
@@ -105,11 +113,129 @@ def logging_config(settings: Settings) -> dict[str, Any]:
         "disable_existing_loggers": False,
         "formatters": {"default": formatter},
         "filters": {"redact": {"()": f"{__name__}.RedactingFilter", "secrets": secrets_of(settings)}},
-        "handlers": {"default": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr",
+        "handlers": {"default": {"class": "logging.StreamHandler", "stream": log_stream(),
                                  "formatter": "default", "filters": ["redact"], "level": level}},
         "root": {"level": level, "handlers": ["default"]},
     }
 
 
 def configure_logging(settings: Settings) -> None:
+    if _relay is not None:
+        _relay.redactor.secrets = RedactingFilter(secrets_of(settings)).secrets
     logging.config.dictConfig(logging_config(settings))
+    # `warnings.warn` output becomes a record (logger py.warnings): one format, and redacted.
+    logging.captureWarnings(True)
+
+
+# Lines longer than this are split over several records: a log shipper's line limit is usually 16-64 KiB.
+MAX_RELAYED_CHARS: Final = 8192
+_THIRD_PARTY_QUIET: Final = {
+    # Read at import by huggingface_hub and transformers: no download/"Loading weights" bars.
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    # tqdm >= 4.66 takes constructor defaults from TQDM_* variables: every other bar is off too.
+    "TQDM_DISABLE": "1",
+    "TOKENIZERS_PARALLELISM": "false",  # else the tokenizers library prints a fork warning
+}
+
+
+class StdioRelay:
+    """Makes file descriptors 1 and 2 pipes whose lines come out as JSON log records.
+
+    Libraries print where they like: tqdm bars, `print`, the interpreter's own tracebacks, C++ code writing
+    to fd 2. Turning each off one by one never ends, so in JSON mode everything that reaches stdout or stderr
+    is read back and re-emitted as `{"ts", "level", "logger": "stdout"|"stderr", "message"}`, through the
+    same redaction as every other record. Carriage returns (progress bars) end lines too.
+    """
+
+    def __init__(self, output: int) -> None:
+        self.redactor = RedactingFilter()
+        self._output = os.fdopen(output, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+        self._lock = threading.Lock()
+        self._read_ends: list[int] = []
+
+    def start(self) -> StdioRelay:
+        for fd, name, level in ((1, "stdout", "INFO"), (2, "stderr", "WARNING")):
+            read_end, write_end = os.pipe()
+            os.dup2(write_end, fd)
+            os.close(write_end)
+            self._read_ends.append(read_end)
+            threading.Thread(target=self._pump, args=(read_end, name, level), daemon=True,
+                             name=f"{name}-json-relay").start()
+        return self
+
+    def drain(self, timeout: float = 2.0) -> None:
+        """Wait until what was written so far is out (at exit). The pipes stay: late lines stay JSON."""
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(_unread_bytes(fd) for fd in self._read_ends):
+            time.sleep(0.01)
+        with self._lock:  # a pump still formatting the last line finishes first
+            self._output.flush()
+
+    def _pump(self, read_end: int, name: str, level: str) -> None:
+        pending = b""
+        while chunk := os.read(read_end, 65536):
+            *lines, pending = (pending + chunk).replace(b"\r", b"\n").split(b"\n")
+            for line in lines:
+                self.emit(name, level, line)
+            if len(pending) > MAX_RELAYED_CHARS:
+                self.emit(name, level, pending)
+                pending = b""
+        self.emit(name, level, pending)
+
+    def emit(self, name: str, level: str, raw: bytes) -> None:
+        text = raw.decode("utf-8", errors="replace").rstrip()
+        if not text:
+            return
+        for start in range(0, len(text), MAX_RELAYED_CHARS):
+            record = logging.LogRecord(name, logging.getLevelName(level), "", 0,
+                                       text[start:start + MAX_RELAYED_CHARS], None, None)
+            self.redactor.filter(record)
+            with self._lock:
+                self._output.write(JsonFormatter().format(record) + "\n")
+
+
+def _unread_bytes(fd: int) -> int:
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+_relay: StdioRelay | None = None
+_private_stderr: TextIO | None = None
+
+
+def log_stream() -> TextIO:
+    """Where log records go: stderr, or under the relay a private copy of it (records are JSON already)."""
+    return _private_stderr if _private_stderr is not None else sys.stderr
+
+
+def quiet_third_party_output(environ: dict[str, str] | None = None) -> None:
+    """Before transformers/tokenizers are imported: no progress bars, no advisory prints."""
+    target = os.environ if environ is None else environ
+    for name, value in _THIRD_PARTY_QUIET.items():
+        target.setdefault(name, value)
+
+
+def start_json_stdio(environ: Mapping[str, str]) -> bool:
+    """From the first line of a JSON-logging process on, every line on fds 1 and 2 is a JSON object.
+
+    Decided from the raw environment because it must hold before `Settings` is parsed: a settings error is
+    written as JSON too.
+    """
+    global _relay, _private_stderr
+    if environ.get("PROFILE_LOG_FORMAT", "").strip().lower() != "json" or _relay is not None:
+        return False
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    private_stderr = os.dup(2)
+    _relay = StdioRelay(private_stderr).start()
+    _private_stderr = os.fdopen(private_stderr, "w", buffering=1, encoding="utf-8", errors="replace")
+    # Until dictConfig runs, a record would go to logging's last-resort handler: make it JSON on our stream.
+    fallback = logging.StreamHandler(_private_stderr)
+    fallback.setFormatter(JsonFormatter())
+    logging.lastResort = fallback
+    atexit.register(_relay.drain)
+    return True

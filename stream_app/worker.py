@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 from stream_app.kafka_clients import ensure_topics
-from stream_app.logging_setup import configure_logging, logging_config
+from stream_app.logging_setup import configure_logging, logging_config, quiet_third_party_output, start_json_stdio
 from stream_app.settings import get_settings
 
 
 def run_worker() -> None:
+    # First, before anything can print: with PROFILE_LOG_FORMAT=json every output line must be JSON.
+    start_json_stdio(os.environ)
+    quiet_third_party_output()
     settings = get_settings()
     # Before anything can log: topic creation already talks to the broker.
     configure_logging(settings)

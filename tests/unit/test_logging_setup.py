@@ -5,11 +5,14 @@ from __future__ import annotations
 import io
 import logging
 import logging.config
+import os
+import subprocess
+import sys
 
 import orjson
 import pytest
 
-from stream_app.logging_setup import MASK, logging_config, secrets_of
+from stream_app.logging_setup import MASK, logging_config, secrets_of, start_json_stdio
 from stream_app.settings import Settings
 
 PASSWORD = "hunter2-sasl-Pw"  # noqa: S105 - a fake secret that must never reach the log
@@ -82,3 +85,45 @@ def test_text_format_is_for_people() -> None:
     log, out = capture(Settings(sasl_password=PASSWORD))
     log.error("lost %s", PASSWORD)
     assert out.getvalue().rstrip().endswith(f"ERROR t: lost {MASK}")
+
+
+RELAYED_PROGRAM = r"""
+import logging, os, sys, warnings
+from stream_app.logging_setup import configure_logging, start_json_stdio
+from stream_app.settings import Settings
+
+assert start_json_stdio(os.environ)
+configure_logging(Settings())
+print("a plain print")
+os.write(2, b"native code writing to fd 2\n")
+sys.stderr.write("progress 10%\rprogress 100%\n")
+warnings.warn("a library warning")
+logging.getLogger("engine").warning("a record")
+print("password=" + os.environ["PROFILE_SASL_PASSWORD"])
+print("x" * 20000)
+raise RuntimeError("dying loudly")
+"""
+
+
+def test_json_mode_turns_every_output_line_into_a_json_record() -> None:
+    env = {**os.environ, "PROFILE_LOG_FORMAT": "json", "PROFILE_SASL_PASSWORD": PASSWORD}
+    done = subprocess.run([sys.executable, "-c", RELAYED_PROGRAM], env=env, capture_output=True, timeout=60,
+                          check=False)
+    assert done.returncode == 1
+    assert done.stdout == b""  # stdout is relayed too, as records on stderr
+    docs = [orjson.loads(line) for line in done.stderr.decode().splitlines()]
+    messages = [doc["message"] for doc in docs]
+    assert {"a plain print", "native code writing to fd 2", "progress 10%", "progress 100%", "a record",
+            "password=" + MASK} <= set(messages)
+    assert any("a library warning" in m for m in messages if m)  # via logging.captureWarnings
+    assert ["x" * 8192, "x" * 8192, "x" * 3616] == [m for m in messages if m.startswith("xxx")]
+    assert any(m.startswith("RuntimeError: dying loudly") for m in messages)  # the interpreter's traceback
+    assert all({"ts", "level", "logger", "message"} <= set(doc) for doc in docs)
+    assert PASSWORD not in done.stderr.decode()
+    by_message = {doc["message"]: doc for doc in docs}
+    assert by_message["a plain print"]["logger"] == "stdout"
+    assert by_message["native code writing to fd 2"]["logger"] == "stderr"
+
+
+def test_text_mode_leaves_stdout_and_stderr_alone() -> None:
+    assert not start_json_stdio({"PROFILE_LOG_FORMAT": "text"})
