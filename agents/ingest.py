@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from faust import StreamT
 from faust.streams import Stream
+from faust.types import AgentT
 
-from stream_app import metrics
-from stream_app.app import app, settings
-from stream_app.publish import admit, publish_events
-from stream_app.topics import clicks_and_searches
+from stream_app.ops import metrics
+from stream_app.worker.admission import admit
+
+if TYPE_CHECKING:
+    from stream_app.worker.app import WorkerApp
 
 
-@app.agent(clicks_and_searches)
-async def ingest(stream: StreamT[bytes]) -> AsyncIterator[int]:
-    async for batch in cast(Stream[bytes], stream).take_events(settings.batch_max, within=settings.batch_within_s):
-        metrics.BATCH_EVENTS.labels("ingest").observe(len(batch))
-        valid = [event for event, _ in await admit(batch)]
-        await publish_events(valid)
-        yield len(batch)
+def register(worker: WorkerApp) -> AgentT:
+    settings = worker.settings
+
+    async def ingest(stream: StreamT[bytes]) -> AsyncIterator[int]:
+        batches = cast(Stream[bytes], stream).take_events(settings.batch_max, within=settings.batch_within_s)
+        async for batch in batches:
+            metrics.BATCH_EVENTS.labels("ingest").observe(len(batch))
+            valid = [event for event, _ in await admit(settings, worker.output, batch)]
+            await worker.output.events(valid)
+            yield len(batch)
+
+    return worker.app.agent(worker.topics.clicks_and_searches, name="ingest")(ingest)

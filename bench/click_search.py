@@ -6,9 +6,9 @@ import asyncio
 import time
 from typing import Any
 
-from bench.harness import Deployment, cpu_seconds, produce, tail_deltas
-from stream_app.embedded_broker import EmbeddedBroker
-from stream_app.sample_data import sample_events
+from bench.harness import cpu_seconds, new_deployment, produce, tail_deltas
+from stream_app.kafka.embedded_broker import EmbeddedBroker
+from stream_app.tools.sample_data import sample_events
 
 
 def click_search_events(limit: int | None = None) -> list[dict[str, Any]]:
@@ -20,7 +20,7 @@ def click_search_events(limit: int | None = None) -> list[dict[str, Any]]:
 def run(broker: EmbeddedBroker, limit: int | None = None) -> dict[str, Any]:
     events = click_search_events(limit)
     # No reviews here: the model would only compete for the CPU while it loads (it loads on the first review).
-    deployment = Deployment.create(broker, PROFILE_ENCODER_PRELOAD="false")
+    deployment = new_deployment(broker, PROFILE_ENCODER_PRELOAD="false")
     try:
         started = time.perf_counter()
         asyncio.run(produce(deployment.settings, events))

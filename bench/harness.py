@@ -4,72 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from stream_app.embedded_broker import EmbeddedBroker, free_port
-from stream_app.kafka_clients import consumer, ensure_topics, producer
-from stream_app.settings import Settings
+from stream_app.kafka.clients import consumer, producer
+from stream_app.kafka.embedded_broker import EmbeddedBroker
+from stream_app.ops.settings import Settings
+from stream_app.worker.process import Deployment
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@dataclass
-class Deployment:
-    broker: EmbeddedBroker
-    env: dict[str, str]
-    settings: Settings
-    workdir: Path
-    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    web_ports: list[int] = field(default_factory=list)
-
-    @classmethod
-    def create(cls, broker: EmbeddedBroker, **overrides: str) -> Deployment:
-        tag = uuid.uuid4().hex[:6]
-        workdir = Path(tempfile.mkdtemp(prefix=f"bench-{tag}-"))
-        env = dict(os.environ)
-        env.update({
-            "PROFILE_BROKER_URL": broker.url, "PROFILE_EMBEDDED_BROKER": "true", "PROFILE_APP_ID": f"bench-{tag}",
-            "PROFILE_TOPIC_CLICKS": f"clicks-{tag}", "PROFILE_TOPIC_SEARCHES": f"searches-{tag}",
-            "PROFILE_TOPIC_REVIEWS": f"reviews-{tag}", "PROFILE_TOPIC_DEAD_LETTERS": f"dlq-{tag}",
-            "PROFILE_TOPIC_DELTAS": f"deltas-{tag}", "PROFILE_DATA_DIR": str(workdir / "faust"),
-        })
-        env.update(overrides)
-        settings = Settings(**{k[8:].lower(): v for k, v in env.items() if k.startswith("PROFILE_")})
-        asyncio.run(ensure_topics(settings))
-        return cls(broker, env, settings, workdir)
-
-    def start_worker(self) -> subprocess.Popen[bytes]:
-        log = (self.workdir / f"worker-{len(self.workers)}.log").open("ab")
-        self.web_ports.append(free_port())
-        env = {**self.env, "PROFILE_WEB_PORT": str(self.web_ports[-1])}
-        process = subprocess.Popen(  # noqa: S603
-            [sys.executable, "-m", "stream_app.cli", "worker"], cwd=ROOT, env=env, stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        self.workers.append(process)
-        return process
-
-    def stop(self) -> None:
-        for process in self.workers:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.workers:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+def new_deployment(broker: EmbeddedBroker, **overrides: str) -> Deployment:
+    """A deployment of its own on the bench's broker, in a fresh temporary folder."""
+    tag = uuid.uuid4().hex[:6]
+    return Deployment(broker.url, Path(tempfile.mkdtemp(prefix=f"bench-{tag}-")), prefix="bench", **overrides)
 
 
 def wait_ready(deployment: Deployment, timeout_s: float) -> None:
@@ -94,8 +49,7 @@ def wait_ready(deployment: Deployment, timeout_s: float) -> None:
 
 
 def topic_for(settings: Settings, event: dict[str, Any]) -> str:
-    return {"click": settings.topic_clicks, "search": settings.topic_searches,
-            "review": settings.topic_reviews}[event["type"]]
+    return settings.topic_for(event["type"])
 
 
 async def produce(

@@ -9,11 +9,11 @@ import asyncio
 import time
 from typing import Any
 
-from bench.harness import Deployment, percentile, produce, tail_deltas, wait_ready
-from stream_app.embedded_broker import EmbeddedBroker
-from stream_app.encoder_pipeline import plan_batches
-from stream_app.sample_data import womens_reviews
-from stream_app.settings import Settings
+from bench.harness import new_deployment, percentile, produce, tail_deltas, wait_ready
+from stream_app.encoding.pipeline import plan_batches
+from stream_app.kafka.embedded_broker import EmbeddedBroker
+from stream_app.ops.settings import Settings
+from stream_app.tools.sample_data import womens_reviews
 
 
 def review_events(count: int, users: int = 500) -> list[dict[str, Any]]:
@@ -38,7 +38,7 @@ def encoder_ceiling(settings: Settings, texts: list[str]) -> dict[str, Any]:
     and padded beforehand; only the forward passes are timed: no Kafka, no tokeniser, no thread hand-off.
     This is the number the pipeline cannot beat.
     """
-    from stream_app.bert_encoder import BertEncoder
+    from stream_app.encoding.bert_encoder import BertEncoder
 
     encoder = BertEncoder.from_settings(settings)
     batches = []
@@ -75,7 +75,7 @@ async def _produce_and_tail(settings: Settings, events: list[dict[str, Any]], ra
 def pipeline_run(broker: EmbeddedBroker, events: list[dict[str, Any]], *, rate: float | None = None,
                  timeout_s: float = 900, **overrides: str) -> dict[str, Any]:
     """Produce to the broker (at `rate`/s, or all at once), worker encodes and publishes, deltas read back."""
-    deployment = Deployment.create(broker, **overrides)
+    deployment = new_deployment(broker, **overrides)
     try:
         deployment.start_worker()
         wait_ready(deployment, timeout_s=180)

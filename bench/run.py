@@ -16,8 +16,8 @@ from typing import Any
 import orjson
 
 from bench import click_search, reviews
-from stream_app.embedded_broker import EmbeddedBroker
-from stream_app.settings import Settings
+from stream_app.kafka.embedded_broker import EmbeddedBroker
+from stream_app.ops.settings import Settings
 
 RESULTS = Path(__file__).with_name("results.json")
 

@@ -14,7 +14,7 @@ import orjson
 
 
 def _cmd_broker(args: argparse.Namespace) -> int:
-    from stream_app.embedded_broker import EmbeddedBroker
+    from stream_app.kafka.embedded_broker import EmbeddedBroker
 
     broker = EmbeddedBroker(port=args.port, host=args.host).start()
     print(f"embedded broker on {broker.bootstrap}; export PROFILE_BROKER_URL={broker.url} "
@@ -36,16 +36,16 @@ def _cmd_broker(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from stream_app.worker import run_worker
+    from stream_app.worker.run import run_worker
 
     run_worker()
     return 0
 
 
 def _cmd_produce(args: argparse.Namespace) -> int:
-    from stream_app.kafka_clients import ensure_topics
-    from stream_app.producer import produce_file
-    from stream_app.settings import get_settings
+    from stream_app.kafka.clients import ensure_topics
+    from stream_app.ops.settings import get_settings
+    from stream_app.tools.producer import produce_file
 
     settings = get_settings()
     asyncio.run(ensure_topics(settings))
@@ -56,8 +56,9 @@ def _cmd_produce(args: argparse.Namespace) -> int:
 
 
 def _cmd_snapshot(args: argparse.Namespace) -> int:
-    from stream_app.settings import get_settings
-    from stream_app.subscriber import ProfileReplicas, read_deltas
+    from stream_app.core.replica import ProfileReplicas
+    from stream_app.ops.settings import get_settings
+    from stream_app.serving.snapshot import read_deltas
 
     settings = get_settings()
     if args.topic:
@@ -71,8 +72,8 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def _cmd_subscribe(args: argparse.Namespace) -> int:
-    from stream_app.redis_sink import SubscribeOptions, group_id_for, run_subscriber
-    from stream_app.settings import get_settings
+    from stream_app.ops.settings import get_settings
+    from stream_app.serving.subscribe import SubscribeOptions, group_id_for, run_subscriber
 
     settings = get_settings()
     options = SubscribeOptions(topic=args.topic or settings.topic_deltas, group_id=args.group or group_id_for(settings),
@@ -82,9 +83,9 @@ def _cmd_subscribe(args: argparse.Namespace) -> int:
 
 
 def _cmd_redis_get(args: argparse.Namespace) -> int:
-    from stream_app.pseudonym import pseudonymiser
-    from stream_app.redis_sink import read_views
-    from stream_app.settings import get_settings
+    from stream_app.core.pseudonym import pseudonymiser
+    from stream_app.ops.settings import get_settings
+    from stream_app.serving.subscribe import read_views
 
     settings = get_settings()
     users = [pseudonymiser(settings.pseudonym_key)(u) for u in args.users] if args.raw else args.users
@@ -95,8 +96,8 @@ def _cmd_redis_get(args: argparse.Namespace) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from stream_app.replay import ReplayPlan, run_replay
-    from stream_app.settings import get_settings
+    from stream_app.ops.settings import get_settings
+    from stream_app.tools.replay import ReplayPlan, run_replay
 
     plan = ReplayPlan.create(get_settings(), args.name, files=[Path(f) for f in args.files], since=args.since,
                              output_topic=args.output)
@@ -107,8 +108,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from stream_app.event_files import write_events
-    from stream_app.sample_data import sample_events
+    from stream_app.tools.event_files import write_events
+    from stream_app.tools.sample_data import sample_events
 
     events = sample_events(customers=args.customers)
     write_events(Path(args.out), events)
@@ -117,8 +118,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_sentiment(args: argparse.Namespace) -> int:
-    from stream_app.sentiment import DEFAULT_HEAD_PATH
-    from stream_app.sentiment_training import train
+    from stream_app.encoding.sentiment import DEFAULT_HEAD_PATH
+    from stream_app.encoding.sentiment_training import train
 
     out = Path(args.out) if args.out else DEFAULT_HEAD_PATH
     report = train(out, limit=args.limit, progress=not args.quiet,
@@ -129,7 +130,7 @@ def _cmd_train_sentiment(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from stream_app.demo import run_demo
+    from stream_app.tools.demo import run_demo
 
     return run_demo(customers=args.customers)
 

@@ -14,6 +14,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def real_encoder():  # type: ignore[no-untyped-def]
     """The real default encoder (all-MiniLM-L6-v2 from its package folder), loaded once per session."""
-    from stream_app.bert_encoder import BertEncoder
+    from stream_app.encoding.bert_encoder import BertEncoder
 
     return BertEncoder(threads=2)

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from stream_app.settings import Settings
+from stream_app.ops.settings import Settings
 
 TS = 1_700_000_000
 # A word that must never show up in logs: it stands for review text and other payload content.
@@ -30,8 +30,7 @@ class Hostile:
     kind: str
 
     def topic_name(self, settings: Settings) -> str:
-        return {"click": settings.topic_clicks, "search": settings.topic_searches,
-                "review": settings.topic_reviews}[self.topic]
+        return settings.topic_for(self.topic)
 
 
 def click(**fields: Any) -> dict[str, Any]:

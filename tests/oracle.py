@@ -6,8 +6,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from schemas.events import Event
-from stream_app.keywords import query_terms
-from stream_app.profile import ProfileParams
+from stream_app.core.keywords import query_terms
+from stream_app.core.profile import ProfileParams
 
 
 def expected_view(

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from stream_app.bert_encoder import BertEncoder
+from stream_app.encoding.bert_encoder import BertEncoder
 from tests.unit.test_bert_encoder import REVIEWS, cosine
 
 pytestmark = [

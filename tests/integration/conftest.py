@@ -8,14 +8,12 @@ also prove that the worker re-keys by user id.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,10 +21,12 @@ from typing import Any
 import orjson
 import pytest
 
-from stream_app.embedded_broker import EmbeddedBroker, free_port
-from stream_app.profile import ProfileState
-from stream_app.settings import Settings
-from stream_app.subscriber import ProfileReplicas, read_deltas, read_topic
+from stream_app.core.profile import ProfileState
+from stream_app.core.replica import ProfileReplicas
+from stream_app.kafka.embedded_broker import EmbeddedBroker
+from stream_app.kafka.reading import read_topic
+from stream_app.serving.snapshot import read_deltas
+from stream_app.worker.process import Deployment
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,60 +38,14 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
         yield running
 
 
-class Stack:
-    """One isolated deployment (app id, topics, data dir) on the shared broker."""
+class Stack(Deployment):
+    """One isolated deployment on the shared broker, with the producing and reading helpers tests need."""
 
     def __init__(self, broker: EmbeddedBroker, workdir: Path, **overrides: str) -> None:
-        tag = uuid.uuid4().hex[:8]
-        self.workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.env = dict(os.environ)
-        self.env.update({
-            "PROFILE_BROKER_URL": broker.url,
-            "PROFILE_EMBEDDED_BROKER": "true",
-            "PROFILE_APP_ID": f"it-{tag}",
-            "PROFILE_TOPIC_CLICKS": f"clicks-{tag}",
-            "PROFILE_TOPIC_SEARCHES": f"searches-{tag}",
-            "PROFILE_TOPIC_REVIEWS": f"reviews-{tag}",
-            "PROFILE_TOPIC_DEAD_LETTERS": f"dead-letters-{tag}",
-            "PROFILE_TOPIC_DELTAS": f"profile-deltas-{tag}",
-            "PROFILE_PARTITIONS": "3",
-            "PROFILE_INPUT_PARTITIONS": "2",
-            "PROFILE_LOG_LEVEL": "INFO",
+        super().__init__(broker.url, workdir, prefix="it", **{
+            "PROFILE_PARTITIONS": "3", "PROFILE_INPUT_PARTITIONS": "2", "PROFILE_LOG_LEVEL": "INFO", **overrides,
         })
-        self.env.update(overrides)
-        self.settings = Settings(**{k[len("PROFILE_"):].lower(): v for k, v in self.env.items()
-                                    if k.startswith("PROFILE_")})
-        self.workers: list[subprocess.Popen[bytes]] = []
-        self.web_ports: list[int] = []
         self._producer: Any = None
-        from stream_app.kafka_clients import ensure_topics
-
-        asyncio.run(ensure_topics(self.settings))
-
-    # -- worker processes ---------------------------------------------------------------------------
-    def start_worker(self) -> subprocess.Popen[bytes]:
-        index = len(self.workers)
-        log = (self.workdir / f"worker-{index}.log").open("ab")
-        port = free_port()
-        self.web_ports.append(port)
-        env = dict(self.env, PROFILE_DATA_DIR=str(self.workdir / f"faust-{index}"), PROFILE_WEB_PORT=str(port))
-        process = subprocess.Popen(
-            [sys.executable, "-m", "stream_app.cli", "worker"], cwd=ROOT, env=env,
-            stdout=log, stderr=subprocess.STDOUT,
-        )
-        log.close()
-        self.workers.append(process)
-        return process
-
-    def stop_worker(self, process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-        if process.poll() is None:
-            process.send_signal(sig)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
     def worker_log(self, index: int = -1) -> str:
         logs = sorted(self.workdir.glob("worker-*.log"))
@@ -99,8 +53,7 @@ class Stack:
 
     # -- producing ----------------------------------------------------------------------------------
     def produce(self, events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-        topics = {"click": self.settings.topic_clicks, "search": self.settings.topic_searches,
-                  "review": self.settings.topic_reviews}
+        topics = self.settings.input_topics
         sent = []
         for event in events:
             self.produce_raw(topics[event["type"]], orjson.dumps(event), event["user_id"].encode(),
@@ -173,8 +126,7 @@ class Stack:
     def close(self) -> None:
         self.flush()
         self._producer = None
-        for process in self.workers:
-            self.stop_worker(process, signal.SIGKILL)
+        self.stop(signal.SIGKILL)
 
 
 def http_get(port: int, path: str) -> tuple[int, Any]:

@@ -18,9 +18,9 @@ import orjson
 import pytest
 
 from schemas.events import validate_event
-from stream_app.profile import ProfileParams
-from stream_app.sample_data import sample_events
-from stream_app.subscriber import ProfileReplicas
+from stream_app.core.profile import ProfileParams
+from stream_app.core.replica import ProfileReplicas
+from stream_app.tools.sample_data import sample_events
 from tests.integration.conftest import Stack
 from tests.oracle import assert_view_matches, expected_view
 
@@ -76,7 +76,7 @@ def assigned(stack: Stack, worker: int) -> set[int]:
     assignments = re.findall(r"Setting newly assigned partitions (.*)", log)
     if not assignments:
         return set()
-    topic = re.escape(f"{stack.settings.app_id}-events-by-user")
+    topic = re.escape(stack.settings.topic_events_by_user)
     return {int(p) for p in re.findall(rf"TopicPartition\(topic='{topic}', partition=(\d+)\)", assignments[-1])}
 
 

@@ -11,9 +11,9 @@ import orjson
 import pytest
 
 from schemas.events import validate_event
-from stream_app.bert_encoder import BertEncoder
-from stream_app.profile import ProfileParams
-from stream_app.sample_data import sample_events
+from stream_app.core.profile import ProfileParams
+from stream_app.encoding.bert_encoder import BertEncoder
+from stream_app.tools.sample_data import sample_events
 from tests.integration.conftest import Stack
 from tests.oracle import assert_view_matches, expected_view
 
@@ -72,7 +72,7 @@ def test_real_events_become_the_expected_profiles(make_stack: Any, real_fp32_enc
 
     # Review text stops at the encoder: not in the re-keyed stream, the changelog, the deltas or the log.
     snippets = [orjson.dumps(e["text"])[1:41] for e in events if e["type"] == "review"]
-    written = b"".join(r.value or b"" for topic in (f"{stack.settings.app_id}-events-by-user",
+    written = b"".join(r.value or b"" for topic in (stack.settings.topic_events_by_user,
                                                      f"{stack.settings.app_id}-profiles-changelog",
                                                      stack.settings.topic_deltas) for r in stack.records(topic))
     logs = b"".join(path.read_bytes() for path in stack.workdir.glob("worker-*.log"))

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from stream_app.event_files import write_events
-from stream_app.sample_data import sample_events
+from stream_app.tools.event_files import write_events
+from stream_app.tools.sample_data import sample_events
 from tests.integration.conftest import Stack
 from tests.oracle import assert_close_maps
 

@@ -16,9 +16,9 @@ import orjson
 import pytest
 import redis
 
-from stream_app.embedded_broker import free_port
-from stream_app.pseudonym import pseudonym
-from stream_app.sample_data import sample_events
+from stream_app.core.pseudonym import pseudonym
+from stream_app.kafka.embedded_broker import free_port
+from stream_app.tools.sample_data import sample_events
 from tests.integration.conftest import ROOT, Stack, eventually, http_get
 from tests.oracle import assert_view_matches
 

@@ -1,4 +1,4 @@
-"""Each embedded-broker work-around, with a test that fails without it (see stream_app.tansu_workarounds)."""
+"""Each embedded-broker work-around, with a test that fails without it (see stream_app.kafka.tansu_workarounds)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
-from stream_app import tansu_workarounds
-from stream_app.app import faust_config
-from stream_app.embedded_broker import EmbeddedBroker
-from stream_app.kafka_clients import consumer, producer
-from stream_app.settings import Settings
+from stream_app.kafka import tansu_workarounds
+from stream_app.kafka.clients import consumer, producer
+from stream_app.kafka.embedded_broker import EmbeddedBroker
+from stream_app.ops.settings import Settings
+from stream_app.worker.app import faust_config
 
 pytestmark = pytest.mark.integration
 

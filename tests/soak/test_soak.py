@@ -25,11 +25,12 @@ from typing import Any
 
 import pytest
 
-from bench.harness import ROOT, Deployment, follow_deltas, percentile, produce, rss_bytes
-from stream_app.embedded_broker import EmbeddedBroker
-from stream_app.sample_data import sample_events
-from stream_app.settings import Settings
-from stream_app.tansu_workarounds import true_end_offsets
+from bench.harness import ROOT, follow_deltas, new_deployment, percentile, produce, rss_bytes
+from stream_app.kafka.embedded_broker import EmbeddedBroker
+from stream_app.kafka.tansu_workarounds import true_end_offsets
+from stream_app.ops.settings import Settings
+from stream_app.tools.sample_data import sample_events
+from stream_app.worker.process import Deployment
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +71,7 @@ class LagProbe:
     def __init__(self, settings: Settings) -> None:
         from aiokafka.structs import TopicPartition
 
-        from stream_app.kafka_clients import consumer
+        from stream_app.kafka.clients import consumer
 
         self.settings = settings
         self.client = consumer(settings, group_id=settings.app_id)
@@ -151,7 +152,7 @@ def slope_per_min(points: list[tuple[float, float]]) -> float:
 
 def test_memory_and_lag_stay_bounded_at_a_steady_rate() -> None:
     with EmbeddedBroker() as broker:
-        deployment = Deployment.create(broker, PROFILE_DEDUP_WINDOW="32")
+        deployment = new_deployment(broker, PROFILE_DEDUP_WINDOW="32")
         try:
             worker = deployment.start_worker()
             samples = asyncio.run(soak(deployment, worker.pid, broker.pid))

@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from stream_app.bert_encoder import (
+from stream_app.encoding.bert_encoder import (
     BertEncoder,
     EncoderConfigurationError,
     check_configuration,
     default_model_dir,
     resolve_precision,
 )
-from stream_app.encoder_pipeline import EncoderPipeline
-from stream_app.sentiment import SentimentHead
-from stream_app.settings import Settings
+from stream_app.encoding.pipeline import EncoderPipeline
+from stream_app.encoding.sentiment import SentimentHead
+from stream_app.ops.settings import Settings
 
 REVIEWS = [
     "I love this dress, the fabric is soft and it fits perfectly. Wore it to a wedding and got compliments.",

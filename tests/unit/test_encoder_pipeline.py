@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from stream_app.encoder import Encoded, FakeEncoder
-from stream_app.encoder_pipeline import EncoderPipeline, plan_batches
+from stream_app.encoding.encoder import Encoded, FakeEncoder
+from stream_app.encoding.pipeline import EncoderPipeline, plan_batches
 
 
 def test_plan_sorts_by_length_and_keeps_padded_tokens_under_budget() -> None:
@@ -72,31 +72,38 @@ class SlowEncoder(FakeEncoder):
         return super().forward(inputs)
 
 
+class GatedEncoder(FakeEncoder):
+    """A forward pass that lasts until the event loop opens its gate: only a free loop can end it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        self.threads: set[str] = set()
+
+    def forward(self, inputs: list[list[int]]) -> list[Encoded]:
+        self.threads.add(threading.current_thread().name)
+        self.entered.set()
+        if not self.gate.wait(timeout=60):
+            raise TimeoutError("the event loop never opened the gate: it was blocked by the forward pass")
+        return super().forward(inputs)
+
+
 async def test_forward_runs_off_the_event_loop_which_stays_responsive() -> None:
-    encoder = SlowEncoder(delay_s=0.3)
+    # No clock involved: if the forward pass ran on the event loop, the loop could not open the gate.
+    encoder = GatedEncoder()
     pipeline = EncoderPipeline(encoder, max_batch_tokens=8, max_batch_size=1).start()
     try:
-        gaps: list[float] = []
-        stop = asyncio.Event()
-
-        async def heartbeat() -> None:
-            last = time.perf_counter()
-            while not stop.is_set():
-                await asyncio.sleep(0.01)
-                now = time.perf_counter()
-                gaps.append(now - last)
-                last = now
-
-        ticker = asyncio.create_task(heartbeat())
-        results = await pipeline.encode(["one", "two", "three"])  # three forward passes of 0.3 s each
-        stop.set()
-        await ticker
+        encoding = asyncio.ensure_future(pipeline.encode(["one"]))
+        while not encoder.entered.is_set():
+            await asyncio.sleep(0.005)
+        assert not encoding.done()  # the forward pass is under way, and the loop runs on meanwhile
+        encoder.gate.set()
+        results = await encoding
     finally:
         pipeline.stop()
-    assert len(results) == 3
+    assert [r.embedding for r in results] == [FakeEncoder().forward(FakeEncoder().tokenize(["one"]))[0].embedding]
     assert encoder.threads == {"encoder-forward"}
-    assert len(gaps) > 30  # the loop ticked throughout ~0.9 s of encoding
-    assert max(gaps) < 0.2  # and was never blocked for a forward pass
 
 
 async def test_a_failing_batch_raises_to_the_caller_and_the_pipeline_keeps_serving() -> None:

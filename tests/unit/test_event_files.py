@@ -8,10 +8,10 @@ import orjson
 import pytest
 
 from schemas.events import validate_event
-from stream_app.event_files import UnsupportedFile, read_events, write_events
-from stream_app.producer import Outgoing, route
-from stream_app.sample_data import sample_events
-from stream_app.settings import Settings
+from stream_app.ops.settings import Settings
+from stream_app.tools.event_files import UnsupportedFile, read_events, write_events
+from stream_app.tools.producer import Outgoing, route
+from stream_app.tools.sample_data import sample_events
 
 
 @pytest.mark.parametrize("name", ["events.jsonl", "events.jsonl.gz", "events.csv", "events.parquet"])

@@ -8,9 +8,9 @@ import faust
 import pytest
 from pydantic import ValidationError
 
-from stream_app.app import faust_config
-from stream_app.kafka_clients import client_kwargs
-from stream_app.settings import Settings
+from stream_app.kafka.clients import client_kwargs
+from stream_app.ops.settings import Settings
+from stream_app.worker.app import faust_config
 
 
 def sasl_ssl() -> Settings:

@@ -1,4 +1,4 @@
-from stream_app.keywords import query_terms
+from stream_app.core.keywords import query_terms
 
 
 def test_terms_are_lowercased_words_without_stop_words_or_stemming() -> None:

@@ -12,8 +12,8 @@ import sys
 import orjson
 import pytest
 
-from stream_app.logging_setup import MASK, logging_config, secrets_of, start_json_stdio
-from stream_app.settings import Settings
+from stream_app.ops.logging_setup import MASK, logging_config, secrets_of, start_json_stdio
+from stream_app.ops.settings import Settings
 
 PASSWORD = "hunter2-sasl-Pw"  # noqa: S105 - a fake secret that must never reach the log
 
@@ -30,8 +30,13 @@ def capture(settings: Settings) -> tuple[logging.Logger, io.StringIO]:
 
 @pytest.fixture(autouse=True)
 def _restore_logging() -> object:
+    # dictConfig replaces the root logger's level and handlers: later tests must not inherit DEBUG.
+    root = logging.getLogger()
+    level, handlers = root.level, root.handlers[:]
     yield
     logging.getLogger("t").handlers.clear()
+    root.setLevel(level)
+    root.handlers[:] = handlers
 
 
 def json_settings() -> Settings:
@@ -89,8 +94,8 @@ def test_text_format_is_for_people() -> None:
 
 RELAYED_PROGRAM = r"""
 import logging, os, sys, warnings
-from stream_app.logging_setup import configure_logging, start_json_stdio
-from stream_app.settings import Settings
+from stream_app.ops.logging_setup import configure_logging, start_json_stdio
+from stream_app.ops.settings import Settings
 
 assert start_json_stdio(os.environ)
 configure_logging(Settings())

@@ -7,8 +7,8 @@ import random
 import pytest
 
 from schemas.events import Event
-from stream_app.decay import RESCALE_AFTER_HALF_LIVES
-from stream_app.profile import ProfileParams, ProfileState, apply, apply_one
+from stream_app.core.decay import RESCALE_AFTER_HALF_LIVES
+from stream_app.core.profile import ProfileParams, ProfileState, apply, apply_one
 from tests.oracle import assert_close_maps, assert_view_matches, expected_view
 
 HOUR = 3600.0

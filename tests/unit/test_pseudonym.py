@@ -7,8 +7,8 @@ import re
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from stream_app.pseudonym import PSEUDONYM_HEX_CHARS, pseudonym, pseudonymiser
-from stream_app.settings import Settings
+from stream_app.core.pseudonym import PSEUDONYM_HEX_CHARS, pseudonym, pseudonymiser
+from stream_app.ops.settings import Settings
 
 KEY = SecretStr("a-test-key-of-some-length")
 

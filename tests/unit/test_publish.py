@@ -1,7 +1,9 @@
 from aiokafka.partitioner import DefaultPartitioner
 
 from schemas.events import Event, event_from_trusted_doc
-from stream_app.publish import bundle_by_partition, encode_bundle, partition_for_user
+from stream_app.core.fold import encode_bundle
+from stream_app.kafka.partitioning import partition_for_user
+from stream_app.worker.publish import bundle_by_partition
 
 
 def test_bundle_partition_is_the_one_aiokafka_picks_for_the_key() -> None:

@@ -12,9 +12,11 @@ import orjson
 import pytest
 
 from schemas.events import Event
-from stream_app.profile import Delta, ProfileParams, ProfileState, apply
-from stream_app.redis_sink import DeltaSink, Item, ProfileStore, profile_key
-from stream_app.subscriber import ProfileReplicas
+from stream_app.core.fold import fold_batch
+from stream_app.core.profile import Delta, ProfileParams, ProfileState
+from stream_app.core.replica import ProfileReplicas
+from stream_app.serving.redis_sink import DeltaSink, Item
+from stream_app.serving.redis_store import ProfileStore, profile_key
 
 HOUR = 3600.0
 USERS = ("u1", "u2", "u3", "u4")
@@ -24,10 +26,10 @@ PARAMS = ProfileParams(half_life_s=6 * HOUR, weights={"click": 1.0, "search": 2.
 def worker_deltas(n_events: int = 120, seed: int = 7) -> list[Delta]:
     """Deltas exactly as the worker publishes them, for events over ~70 half-lives (landmark moves)."""
     rng = random.Random(seed)
-    table: dict[str, ProfileState] = {}
+    table: dict[str, dict[str, Any]] = {}
     deltas: list[Delta] = []
     for i in range(0, n_events, 3):
-        batch: dict[str, list[Event]] = {}
+        batch: list[Event] = []
         for j in range(i, i + 3):
             user = rng.choice(USERS)
             ts = j * 4 * 6 * HOUR * rng.uniform(0.9, 1.1)
@@ -35,11 +37,11 @@ def worker_deltas(n_events: int = 120, seed: int = 7) -> list[Delta]:
                 event = Event(f"e{j}", user, ts, "search", category=rng.choice("abcde"), query="red shoes hat")
             else:
                 event = Event(f"e{j}", user, ts, "click", category=rng.choice("abcdef"), item_id="i")
-            batch.setdefault(user, []).append(event)
-        for user, events in batch.items():
-            delta = apply(table.setdefault(user, ProfileState(user)), events, PARAMS).delta
-            assert delta is not None
-            deltas.append(copy.deepcopy(delta))
+            batch.append(event)
+        folded = fold_batch(batch, table.get, PARAMS)  # the profile agent's own fold
+        table.update(folded.writes)
+        assert all(not again for _, again in folded.deltas)
+        deltas.extend(copy.deepcopy(delta) for delta, _ in folded.deltas)
     return deltas
 
 

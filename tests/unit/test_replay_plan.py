@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from stream_app.app import faust_config
-from stream_app.replay import ReplayPlan
-from stream_app.settings import Settings
+from stream_app.ops.settings import Settings
+from stream_app.tools.replay import ReplayPlan
+from stream_app.worker.app import faust_config
 
 
 def test_replay_worker_gets_its_own_app_id_outputs_and_no_live_web_port(

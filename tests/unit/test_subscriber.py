@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas.events import Event
-from stream_app.profile import Delta, ProfileParams, ProfileState, apply
-from stream_app.subscriber import ProfileReplicas, apply_delta
+from stream_app.core.fold import fold_batch
+from stream_app.core.profile import Delta, ProfileParams, ProfileState, apply
+from stream_app.core.replica import ProfileReplicas, apply_delta
 
 HOUR = 3600.0
 
@@ -38,19 +40,14 @@ def events(draw: st.DrawFn) -> Event:
 
 
 def run_worker_logic(batches: list[list[Event]], params: ProfileParams) -> tuple[dict[str, ProfileState], list[Delta]]:
-    table: dict[str, ProfileState] = {}
+    """The profile agent's own fold, batch by batch, over a dict standing in for the table."""
+    table: dict[str, dict[str, Any]] = {}
     published: list[Delta] = []
     for batch in batches:
-        by_user: dict[str, list[Event]] = {}
-        for event in batch:
-            by_user.setdefault(event.user_id, []).append(event)
-        for user, user_events in by_user.items():
-            state = table.setdefault(user, ProfileState(user))
-            result = apply(state, user_events, params)
-            published.extend(copy.deepcopy(result.redeliveries))
-            if result.delta is not None:
-                published.append(copy.deepcopy(result.delta))
-    return table, published
+        folded = fold_batch(batch, table.get, params)
+        table.update(folded.writes)
+        published.extend(copy.deepcopy(delta) for delta, _ in folded.deltas)
+    return {user: ProfileState.from_dict(value) for user, value in table.items()}, published
 
 
 @settings(max_examples=150, deadline=None)

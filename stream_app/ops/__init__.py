@@ -1,0 +1,1 @@
+"""Settings, metrics and logging: what every process shares."""

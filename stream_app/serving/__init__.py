@@ -1,0 +1,1 @@
+"""The read side: rebuilding profiles from the delta topic, the Redis store and its subscriber."""

@@ -1,0 +1,38 @@
+"""The topics of the engine. Raw bytes everywhere: validation and encoding are ours, not Faust's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+from faust.types import TopicT
+
+from stream_app.ops.settings import Settings
+
+
+@dataclass(frozen=True)
+class Topics:
+    clicks_and_searches: TopicT
+    reviews: TopicT
+    events_by_user: TopicT
+    dead_letters: TopicT
+    profile_deltas: TopicT
+
+
+def declare_topics(app: faust.App, settings: Settings) -> Topics:
+    raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw",
+                           "value_serializer": "raw"}
+    keyed_by_user: dict[str, Any] = {"key_type": str, "value_type": bytes, "key_serializer": "utf8",
+                                     "value_serializer": "raw"}
+    return Topics(
+        # Producers may key and partition these any way they like; the ingest and review agents re-key by user.
+        clicks_and_searches=app.topic(settings.topic_clicks, settings.topic_searches, **raw),
+        reviews=app.topic(settings.topic_reviews, **raw),
+        # Validated events keyed by user id with our partitioner: the profile table is co-partitioned with it,
+        # so exactly one worker owns each user's profile however the producer partitioned the input.
+        events_by_user=app.topic(settings.topic_events_by_user, partitions=settings.partitions,
+                                 internal=True, **keyed_by_user),
+        dead_letters=app.topic(settings.topic_dead_letters, partitions=1, **raw),
+        profile_deltas=app.topic(settings.topic_deltas, partitions=settings.partitions, **keyed_by_user),
+    )
