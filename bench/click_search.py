@@ -12,7 +12,7 @@ from stream_app.tools.sample_data import sample_events
 
 
 def click_search_events(limit: int | None = None) -> list[dict[str, Any]]:
-    """All CDNOW purchases as clicks plus Women's review titles as searches (see README: sample data)."""
+    """All CDNOW purchases as clicks plus Women's review titles as searches (see docs/sample-data.md)."""
     events = [e for e in sample_events(customers=30_000, reviews_per_customer=1) if e["type"] != "review"]
     return events[:limit] if limit is not None else events
 

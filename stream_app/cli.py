@@ -1,4 +1,4 @@
-"""The `stream-app` command. Settings come from PROFILE_* environment variables (see README)."""
+"""The `stream-app` command. Settings come from PROFILE_* environment variables (docs/settings.md)."""
 
 from __future__ import annotations
 
@@ -183,7 +183,7 @@ def parser() -> argparse.ArgumentParser:
     replay.add_argument("--quiet", action="store_true")
     replay.set_defaults(func=_cmd_replay)
 
-    sample = commands.add_parser("sample", help="write sample events derived from real data (see README)")
+    sample = commands.add_parser("sample", help="write sample events derived from real data (docs/sample-data.md)")
     sample.add_argument("--customers", type=int, default=50)
     sample.add_argument("--out", default="sample-events.jsonl", help=".jsonl, .jsonl.gz, .csv or .parquet")
     sample.set_defaults(func=_cmd_sample)

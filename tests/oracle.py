@@ -1,4 +1,4 @@
-"""Brute-force profile definition from the README, for checking the incremental engine against."""
+"""Brute-force profile definition from docs/semantics.md, for checking the incremental engine against."""
 
 from __future__ import annotations
 

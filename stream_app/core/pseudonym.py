@@ -4,7 +4,7 @@ Format: `hmac_sha256(key, user_id).hexdigest()` with the key and the id as UTF-8
 hex characters. A keyed HMAC rather than a plain hash because user ids are guessable (a dictionary of
 candidate ids would invert an unkeyed hash); without the key nobody, the worker included, can map a
 pseudonym back. The same key gives the same pseudonym on every worker and after restarts, so a user's
-delta versions continue; a new key is a new pseudonym space (replay into a new app id, see README).
+delta versions continue; a new key is a new pseudonym space (replay into a new app id, docs/serving.md).
 """
 
 from __future__ import annotations

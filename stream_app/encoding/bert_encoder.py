@@ -202,5 +202,5 @@ class BertEncoder:
 
 def _default_threads() -> int:
     # Measured on 2 cores shared with the broker: 2 torch threads gave 40-60% more reviews/s end to end than
-    # 1 (the forward pass runs off the event loop, which still gets its share); see README, benchmarks.
+    # 1 (the forward pass runs off the event loop, which still gets its share); see docs/benchmarks.md.
     return os.cpu_count() or 1

@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     weight_click: float = Field(1.0, ge=0)
     weight_search: float = Field(2.0, ge=0)
     weight_review: float = Field(3.0, ge=0)
-    top_k: int = Field(50, ge=1, description="interests/keywords kept per user (see README: top-K pruning)")
+    top_k: int = Field(50, ge=1, description="interests/keywords kept per user (docs/semantics.md: top-K pruning)")
     dedup_window: int = Field(512, ge=1, description="event ids remembered per user for de-duplication")
     redelivery_window: int = Field(8, ge=1, description="recent deltas kept per user for re-emission")
 

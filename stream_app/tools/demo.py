@@ -66,7 +66,7 @@ def run_demo(customers: int = 40) -> int:
         from stream_app.kafka.clients import ensure_topics
 
         asyncio.run(ensure_topics(settings))
-        print(f"producing {len(events)} events of {customers} CDNOW customers (see README: sample data)")
+        print(f"producing {len(events)} events of {customers} CDNOW customers (see docs/sample-data.md)")
         asyncio.run(produce_file(sample, settings, progress=True))
 
         started = time.monotonic()

@@ -7,7 +7,7 @@ itself once its consumer group has committed everything that was in its input wh
 by-user topic and deltas behind it have drained.
 
 Profiles are a function of the set of events (forward decay in event time; dedup by event id), so a replay
-gives the live run's profiles whatever the order or partitioning (bounds: README, "Bounds").
+gives the live run's profiles whatever the order or partitioning (bounds: docs/semantics.md, "Bounds").
 """
 
 from __future__ import annotations
