@@ -1,6 +1,6 @@
 """Crash safety: SIGKILL workers at random points of a real-derived stream and compare with a clean run.
 
-The reference is the profile definition of docs/semantics.md evaluated in-process over the same events (tests/oracle.py),
+The reference is docs/semantics.md's profile definition evaluated in-process over the same events (tests/oracle.py),
 i.e. what one uninterrupted worker would compute. After the kills the three views of the state must agree
 with it: the profiles rebuilt from deltas, the worker's table (its changelog) and the per-event bookkeeping.
 """
