@@ -16,4 +16,5 @@ def real_encoder():  # type: ignore[no-untyped-def]
     """The real default encoder (all-MiniLM-L6-v2 from its package folder), loaded once per session."""
     from stream_app.encoding.bert_encoder import BertEncoder
 
-    return BertEncoder(threads=2)
+    # PROFILE_ENCODER_PRECISION=fp32 runs the suite as a CPU without native bf16 does, on any machine.
+    return BertEncoder(threads=2, precision=os.environ.get("PROFILE_ENCODER_PRECISION", "auto"))
