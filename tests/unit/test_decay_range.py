@@ -143,7 +143,8 @@ def test_any_events_in_range_any_batching_give_finite_state_oracle_views_and_exa
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(events(users=("u1",)), min_size=1, max_size=30, unique_by=lambda e: e.event_id), st.randoms(use_true_random=False), half_lives)
+@given(st.lists(events(users=("u1",)), min_size=1, max_size=30, unique_by=lambda e: e.event_id),
+       st.randoms(use_true_random=False), half_lives)
 def test_the_same_events_in_another_order_and_batching_give_the_same_profile(
     evs: list[Event], rng: Any, half_life: float
 ) -> None:
