@@ -8,13 +8,22 @@ from typing import TYPE_CHECKING, Any, cast
 
 from faust import StreamT
 from faust.streams import Stream
-from faust.types import AgentT
+from faust.types import AgentT, Message
 
-from stream_app.core.fold import decode_bundles, fold_batch
+from schemas.events import Event
+from stream_app.core.fold import decode_bundle, fold_batch
+from stream_app.core.triage import Rejection
 from stream_app.ops import metrics
 
 if TYPE_CHECKING:
     from stream_app.worker.app import WorkerApp
+
+
+def event_message(bundle: Message, event: Event) -> Message:
+    """One event of a by-user bundle as a message of its own, for its dead letter: the event's JSON keyed by
+    its user, at the bundle's topic, partition and offset (the bundle holds other users' events too)."""
+    return Message(bundle.topic, bundle.partition, bundle.offset, bundle.timestamp, bundle.timestamp_type,
+                   None, event.user_id.encode(), event.to_json(), None)
 
 
 def register(worker: WorkerApp) -> AgentT:
@@ -26,9 +35,24 @@ def register(worker: WorkerApp) -> AgentT:
         # take_events (events, not values) is on the concrete Stream; we need each message's value bytes.
         batches = cast(Stream[bytes], stream).take_events(settings.batch_max, within=settings.batch_within_s)
         async for batch in batches:
-            events = decode_bundles([e.message.value for e in batch])
+            events: list[Event] = []
+            origin: dict[int, Message] = {}  # id(event) -> the by-user message it came in
+            for stream_event in batch:
+                message = stream_event.message
+                try:
+                    bundle = decode_bundle(message.value)
+                except Exception as exc:  # not a bundle this worker wrote: its original bytes are dead-lettered
+                    reason = f"not a by-user event bundle: {type(exc).__name__}: {exc}"[:500]
+                    await worker.output.dead_letter(message, Rejection("processing_error", reason))
+                    continue
+                origin.update((id(event), message) for event in bundle)
+                events.extend(bundle)
             metrics.BATCH_EVENTS.labels("profiles").observe(len(events))
             folded = fold_batch(events, profiles.get, worker.params)
+            for failure in folded.failures:
+                for event in failure.events:
+                    await worker.output.dead_letter(event_message(origin[id(event)], event),
+                                                    Rejection("processing_error", failure.reason))
             for user_id, value in folded.writes.items():
                 profiles[user_id] = value
             metrics.DUPLICATES.inc(folded.duplicates)

@@ -7,6 +7,7 @@ pipeline's own threads, never on the event loop. Review text is dropped here: it
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, cast
 
@@ -27,6 +28,15 @@ if TYPE_CHECKING:
 
 def enrich(event: Event, encoded: Encoded) -> Event:
     return dataclasses.replace(event, text=None, sentiment=encoded.sentiment, embedding=encoded.embedding)
+
+
+def non_finite(encoded: Encoded) -> str | None:
+    """Why an encoder result cannot enter a profile (NaN/inf would poison every decayed sum), or None."""
+    if not math.isfinite(encoded.sentiment):
+        return "encoder returned a non-finite sentiment"
+    if not all(math.isfinite(x) for x in encoded.embedding):
+        return "encoder returned a non-finite embedding"
+    return None
 
 
 async def encode_or_isolate(encoder: EncoderPipeline, events: Sequence[Event]) -> list[Encoded | Exception]:
@@ -62,6 +72,8 @@ def register(worker: WorkerApp) -> AgentT:
                 if isinstance(result, Exception):
                     reason = f"encoder failed on this text: {type(result).__name__}"[:500]
                     await worker.output.dead_letter(message, Rejection("encoder_error", reason))
+                elif (problem := non_finite(result)) is not None:
+                    await worker.output.dead_letter(message, Rejection("encoder_error", problem))
                 else:
                     enriched.append(enrich(review, result))
             await worker.output.events(enriched)

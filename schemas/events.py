@@ -45,6 +45,9 @@ RejectKind: TypeAlias = Literal[
     "malformed_json", "empty", "too_large", "not_an_object", "unknown_type", "unknown_field", "missing_field",
     "key_mismatch", "wrong_topic", "bad_timestamp", "bad_rating", "empty_field", "bad_characters", "wrong_type",
     "encoder_error", "validator_error",
+    # future_timestamp: ts more than PROFILE_MAX_FUTURE_S past the wall clock at ingest (docs/hostile-input.md).
+    # processing_error: a by-user bundle or one user's events the profile agent could not fold.
+    "future_timestamp", "processing_error",
 ]
 REJECT_KINDS: Final[tuple[RejectKind, ...]] = RejectKind.__args__  # type: ignore[attr-defined]
 

@@ -135,6 +135,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(customers=args.customers)
 
 
+def read_time(text: str) -> float:
+    """`--at`: a finite epoch time in seconds inside the accepted event-time range (1970..2200)."""
+    from stream_app.core.decay import check_read_time
+
+    try:
+        return check_read_time(float(text))
+    except ValueError as exc:
+        detail = "not a number of epoch seconds" if "read time" not in str(exc) else str(exc)
+        raise argparse.ArgumentTypeError(f"{text[:64]!r}: {detail}") from None
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="stream-app", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -155,7 +166,7 @@ def parser() -> argparse.ArgumentParser:
     produce.set_defaults(func=_cmd_produce)
 
     snapshot = commands.add_parser("snapshot", help="rebuild profiles from profile-deltas, one JSON line each")
-    snapshot.add_argument("--at", type=float, default=None, help="age values to this epoch time (seconds)")
+    snapshot.add_argument("--at", type=read_time, default=None, help="age values to this epoch time (seconds)")
     snapshot.add_argument("--topic", help="delta topic to read (default PROFILE_TOPIC_DELTAS), e.g. a replay's")
     snapshot.set_defaults(func=_cmd_snapshot)
 
@@ -169,7 +180,7 @@ def parser() -> argparse.ArgumentParser:
 
     redis_get = commands.add_parser("redis-get", help="profiles from Redis in snapshot's format (all if no USER)")
     redis_get.add_argument("users", nargs="*", metavar="USER", help="user id as on the delta topic")
-    redis_get.add_argument("--at", type=float, default=None, help="age values to this epoch time (seconds)")
+    redis_get.add_argument("--at", type=read_time, default=None, help="age values to this epoch time (seconds)")
     redis_get.add_argument("--redis", default=None, help="Redis URL (default PROFILE_REDIS_URL)")
     redis_get.add_argument("--raw", action="store_true", help="USER is a real id: pseudonymise it first")
     redis_get.set_defaults(func=_cmd_redis_get)

@@ -55,7 +55,8 @@ def expected_view(
         "keywords": keywords,
         "rating": rating[0] / rating[1] if rating[1] else None,
         "sentiment": sentiment[0] / sentiment[1] if sentiment[1] else None,
-        "embedding": None if embedding is None else [x / embedding_weight for x in embedding],
+        # A weight sum of 0: every review is so old that its weight underflows (like the means above).
+        "embedding": None if embedding is None or not embedding_weight else [x / embedding_weight for x in embedding],
     }
 
 

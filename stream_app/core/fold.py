@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from schemas.events import Event, event_from_trusted_doc
-from stream_app.core.profile import ApplyResult, Delta, ProfileParams, ProfileState, apply
+from stream_app.core.profile import ApplyResult, Delta, IncompatibleProfile, ProfileParams, ProfileState, apply
 
 
 def encode_bundle(events: Sequence[Event]) -> bytes:
@@ -22,7 +22,12 @@ def encode_bundle(events: Sequence[Event]) -> bytes:
 
 def decode_bundles(values: Sequence[bytes | None]) -> list[Event]:
     """Events of a micro-batch of by-user bundles, in order."""
-    return [event_from_trusted_doc(doc) for value in values if value for doc in orjson.loads(value)]
+    return [event for value in values for event in decode_bundle(value)]
+
+
+def decode_bundle(value: bytes | None) -> list[Event]:
+    """Events of one by-user bundle (raises on a value that is not one: the agent dead-letters it)."""
+    return [event_from_trusted_doc(doc) for doc in orjson.loads(value)] if value else []
 
 
 def group_by_user(events: Sequence[Event]) -> dict[str, list[Event]]:
@@ -41,12 +46,23 @@ def update_profile(
     return (None if result.delta is None else state.to_dict()), result
 
 
+@dataclass(frozen=True, slots=True)
+class FoldFailure:
+    """One user's events of a batch that could not be folded: none of them counted, the profile is unchanged."""
+
+    user_id: str
+    events: list[Event]
+    reason: str
+
+
 @dataclass
 class FoldedBatch:
-    """What one micro-batch changes: table values to write, deltas to publish (re-emissions flagged)."""
+    """What one micro-batch changes: table values to write, deltas to publish (re-emissions flagged), and
+    the users whose events could not be folded (to dead-letter)."""
 
     writes: dict[str, dict[str, Any]] = field(default_factory=dict)
     deltas: list[tuple[Delta, bool]] = field(default_factory=list)
+    failures: list[FoldFailure] = field(default_factory=list)
     events: int = 0
     duplicates: int = 0
 
@@ -54,9 +70,23 @@ class FoldedBatch:
 def fold_batch(
     events: Sequence[Event], stored: Callable[[str], dict[str, Any] | None], params: ProfileParams
 ) -> FoldedBatch:
+    """Fold each user's events; a user whose fold raises is reported in `failures` and the rest go on.
+
+    A fold that raises changes nothing: `ProfileState.from_dict` works on copies, and no write or delta of
+    that user is recorded. The reason names the exception type and message; events carry no review text
+    by now (the review agent drops it), so the message cannot leak it. `IncompatibleProfile` (a profile
+    built under other settings) is raised, not reported: it is no fault of the events.
+    """
     folded = FoldedBatch(events=len(events))
     for user_id, user_events in group_by_user(events).items():
-        new_value, result = update_profile(stored(user_id), user_id, user_events, params)
+        try:
+            new_value, result = update_profile(stored(user_id), user_id, user_events, params)
+        except IncompatibleProfile:
+            raise  # the settings, not the events, are wrong: dead-lettering would drop every event of the user
+        except Exception as exc:  # one user's poison must not stop the partition; each failure is dead-lettered
+            reason = f"profile update failed: {type(exc).__name__}: {exc}"[:500]
+            folded.failures.append(FoldFailure(user_id, list(user_events), reason))
+            continue
         if new_value is not None:
             folded.writes[user_id] = new_value
         counted = len(result.delta["event_ids"]) if result.delta is not None else 0

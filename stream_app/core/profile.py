@@ -16,11 +16,19 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from schemas.events import EVENT_TYPES, Event
-from stream_app.core.decay import age_factor, forward_weight, needs_rescale, rescale_factor
+from stream_app.core.decay import age_factor, check_read_time, forward_weight, needs_rescale, rescale_factor
 from stream_app.core.keywords import query_terms
 
 Delta = dict[str, Any]
 MEAN_FIELDS: Final = ("rating", "sentiment")
+
+
+class IncompatibleProfile(ValueError):
+    """A stored profile was built under other settings (half-life) or another encoder (embedding size).
+
+    Not a problem of the events at hand, so not dead-lettered: every later event of the user would meet the
+    same profile. The profile agent stops the worker with this reason instead (docs/crash-safety.md).
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,12 +83,29 @@ class ProfileState:
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> ProfileState:
-        return cls(**doc)
+        """A state of its own: `apply` changes containers in place, and if it raises half-way the caller's
+        document (the table's in-memory value) must still be the stored one."""
+        state = cls(**doc)
+        for name in ("activity", "interests", "keywords", "seen"):
+            setattr(state, name, dict(getattr(state, name)))
+        for name in ("rating", "sentiment", "outbox"):
+            setattr(state, name, list(getattr(state, name)))
+        return state
 
     # -- reading -----------------------------------------------------------------------------------
     def view(self, at: float | None = None) -> dict[str, Any]:
-        """The profile as users see it: every decayed value read at `at` (default: `as_of`)."""
-        read_at = self.as_of if at is None else at
+        """The profile as users see it: every decayed value read at `at` (default: `as_of`).
+
+        `at` must be a finite time in the accepted event-time range (ValueError otherwise). A profile holds
+        no history, only sums, so it can be aged forward but not back: a read time before `as_of` reads at
+        `as_of`. (Extrapolating back would weigh later events 2^((t - at)/H) > 1, which overflows for reads
+        ~1000 half-lives early and means nothing before that.) Every value is then a stored sum times a
+        factor of at most 1: finite.
+        """
+        read_at = self.as_of
+        if at is not None:
+            check_read_time(at)
+            read_at = at if self.as_of is None else max(at, self.as_of)
         if self.landmark is None or read_at is None or self.half_life_s is None:
             factor = 0.0
         else:
@@ -138,16 +163,17 @@ def apply(profile: ProfileState, events: Sequence[Event], params: ProfileParams)
         return ApplyResult(None, redeliveries)
 
     half_life = params.half_life_s
+    check_compatible(profile, params, fresh)
     if profile.half_life_s is None:
         profile.half_life_s = half_life
-    elif profile.half_life_s != half_life:
-        raise ValueError(
-            f"profile {profile.user_id!r} was built with half-life {profile.half_life_s} s, "
-            f"settings say {half_life} s; replay into a new app id to change it"
-        )
     newest = max(e.ts for e in fresh)
+    # One landmark for the whole batch, chosen before any weight is added: within RESCALE_AFTER_HALF_LIVES
+    # of its newest event, so no stored weight exceeds 2^64 whatever the span of the batch (a first batch
+    # with events 1970 and 2024 would otherwise need 2^2800). One move per batch also keeps replicas
+    # bit-identical: `apply_delta` scales untouched sums by the same single factor.
     if profile.landmark is None:
-        profile.landmark = min(e.ts for e in fresh)
+        oldest = min(e.ts for e in fresh)
+        profile.landmark = newest if needs_rescale(newest, oldest, half_life) else oldest
     elif needs_rescale(newest, profile.landmark, half_life):
         _rescale(profile, newest)
     landmark = profile.landmark
@@ -208,6 +234,23 @@ def apply(profile: ProfileState, events: Sequence[Event], params: ProfileParams)
     profile.outbox.append(delta)
     del profile.outbox[: max(0, len(profile.outbox) - params.redelivery_window)]
     return ApplyResult(delta, redeliveries)
+
+
+def check_compatible(profile: ProfileState, params: ProfileParams, events: Sequence[Event] = ()) -> None:
+    """Raise `IncompatibleProfile` if `profile` cannot take events under these settings (before any change)."""
+    if profile.half_life_s is not None and profile.half_life_s != params.half_life_s:
+        raise IncompatibleProfile(
+            f"profile {profile.user_id!r} was built with half-life {profile.half_life_s} s, "
+            f"settings say {params.half_life_s} s; replay into a new app id to change it"
+        )
+    if profile.embedding_num is not None:
+        size = len(profile.embedding_num)
+        for event in events:
+            if event.embedding is not None and len(event.embedding) != size:
+                raise IncompatibleProfile(
+                    f"profile {profile.user_id!r} holds {size}-dimensional embeddings, the encoder now gives "
+                    f"{len(event.embedding)}; replay into a new app id to change the encoder"
+                )
 
 
 def apply_one(profile: ProfileState, event: Event, params: ProfileParams) -> Delta | None:

@@ -18,7 +18,8 @@ class Rejection:
     reason: str
 
 
-def triage(settings: Settings, topic: str, key: bytes | None, value: bytes | None) -> Event | Rejection:
+def triage(settings: Settings, topic: str, key: bytes | None, value: bytes | None, now: float) -> Event | Rejection:
+    """`now` is the ingest clock (wall-clock epoch seconds, passed in so that this stays a pure function)."""
     try:
         event = parse_event(
             value, key=key, max_event_bytes=settings.max_event_bytes, max_text_chars=settings.max_text_chars
@@ -36,4 +37,9 @@ def triage(settings: Settings, topic: str, key: bytes | None, value: bytes | Non
     expected = settings.event_type_of_topic(topic)
     if expected is not None and event.type != expected:
         return Rejection("wrong_topic", f"a {event.type} event does not belong on topic {topic!r} (expects {expected})")
+    if event.ts > now + settings.max_future_s:
+        # One mis-stamped event would move the user's landmark and as_of ahead, and every real event after it
+        # would decay against that future instant (docs/hostile-input.md: bad clocks).
+        return Rejection("future_timestamp", f"ts {event.ts!r} is {event.ts - now:.0f} s past the wall clock at ingest "
+                                             f"({now:.0f}), more than the {settings.max_future_s:.0f} s allowed")
     return event

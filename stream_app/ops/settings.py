@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     top_k: int = Field(50, ge=1, description="interests/keywords kept per user (docs/semantics.md: top-K pruning)")
     dedup_window: int = Field(512, ge=1, description="event ids remembered per user for de-duplication")
     redelivery_window: int = Field(8, ge=1, description="recent deltas kept per user for re-emission")
+    max_future_s: float = Field(
+        86400.0, gt=0, description="events stamped more than this past the wall clock at ingest are dead-lettered "
+        "as future_timestamp (docs/hostile-input.md: bad clocks)")
 
     # -- Input limits ----------------------------------------------------------------------------------
     max_event_bytes: int = Field(64 * 1024, ge=256)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 from faust.types import EventT, Message
@@ -15,9 +16,10 @@ from stream_app.worker.publish import Output
 async def admit(settings: Settings, output: Output, batch: Iterable[EventT]) -> list[tuple[Event, Message]]:
     """The valid events of a micro-batch, with their messages; every other message becomes a dead letter."""
     admitted: list[tuple[Event, Message]] = []
+    now = time.time()  # the ingest clock of the future-timestamp rule: one reading per micro-batch
     for stream_event in batch:
         message = stream_event.message
-        verdict = triage(settings, message.topic, message.key, message.value)
+        verdict = triage(settings, message.topic, message.key, message.value, now)
         if isinstance(verdict, Rejection):
             await output.dead_letter(message, verdict)
         else:

@@ -6,7 +6,6 @@ Faust's table router forwards a request for a key this worker does not own to th
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -14,11 +13,23 @@ import faust
 import orjson
 from faust.web import Request, Response, View
 
+from stream_app.core.decay import check_read_time
 from stream_app.core.profile import ProfileState
 from stream_app.worker.tables import ProfileTable
 
 # The caller passes the real id (the table and its routing are keyed by it); the body carries the same
 # (pseudonymised) id as deltas, snapshot and Redis do. docs/serving.md: "Pseudonymisation".
+
+
+def parse_read_time(at_arg: str | None) -> float | None:
+    """`?at=`: absent, or a finite epoch time in seconds inside 1970..2200 (ValueError with the reason)."""
+    if at_arg is None:
+        return None
+    try:
+        at = float(at_arg)
+    except ValueError:
+        raise ValueError(f"at={at_arg[:64]!r} is not a number of epoch seconds") from None
+    return check_read_time(at)
 
 
 def render(
@@ -35,15 +46,10 @@ def register(app: faust.App, profiles: ProfileTable, outgoing_user_id: Callable[
     @app.page("/profiles/{user_id}")
     @app.table_route(table=profiles, match_info="user_id")
     async def get_profile(web: View, request: Request, user_id: str) -> Response:
-        at_arg = request.query.get("at")
-        at: float | None = None
-        if at_arg is not None:
-            try:
-                at = float(at_arg)
-            except ValueError:
-                at = math.nan
-            if not math.isfinite(at):
-                return web.json({"error": f"at={at_arg!r} is not a finite epoch time in seconds"}, status=400)
+        try:
+            at = parse_read_time(request.query.get("at"))
+        except ValueError as exc:
+            return web.json({"error": str(exc)}, status=400)
         view = render(profiles.get(user_id), at, outgoing_user_id)
         if view is None:
             return web.json({"error": "unknown user", "user_id": outgoing_user_id(user_id)}, status=404)

@@ -31,4 +31,11 @@ def test_profiles_by_http_from_either_of_two_workers(stack: Stack) -> None:
     status, body = http_get(stack.web_ports[0], "/profiles/nobody")
     assert status == 404 and body["error"] == "unknown user"
     status, body = http_get(stack.web_ports[1], "/profiles/user-1?at=soon")
-    assert status == 400 and "not a finite epoch time" in body["error"]
+    assert status == 400 and body["error"] == "at='soon' is not a number of epoch seconds"
+    for bad in ("nan", "inf", "-1", "7258118400", "1e300"):
+        status, body = http_get(stack.web_ports[1], f"/profiles/user-1?at={bad}")
+        assert status == 400 and body["error"].startswith("read time "), (bad, body)
+        assert "not a finite" in body["error"] or "outside 1970-01-01..2200-01-01" in body["error"]
+    # In range but years before the profile (was a 500 with an OverflowError): reads at as_of.
+    user = next(iter(snapshot))
+    assert http_get(stack.web_ports[0], f"/profiles/{user}?at=0") == (200, snapshot[user])

@@ -19,11 +19,14 @@ from tests.hostile_corpus import Hostile, hostile_corpus, nested
 SETTINGS = Settings(topic_clicks="clicks-t", topic_searches="searches-t", topic_reviews="reviews-t")
 CORPUS = hostile_corpus(SETTINGS)
 TOPICS = SETTINGS.input_topics
+# The ingest clock for the document checks: at the end of the accepted range no event is in the future
+# (the future-timestamp rule has tests of its own below).
+LATE_CLOCK = MAX_TS
 
 
 @pytest.mark.parametrize("case", CORPUS, ids=[case.name for case in CORPUS])
 def test_every_corpus_message_is_rejected_with_its_reason(case: Hostile) -> None:
-    verdict = triage(SETTINGS, case.topic_name(SETTINGS), case.key, case.value)
+    verdict = triage(SETTINGS, case.topic_name(SETTINGS), case.key, case.value, LATE_CLOCK)
     assert verdict == Rejection(case.kind, case.reason)
 
 
@@ -62,7 +65,7 @@ def test_a_validator_bug_becomes_a_dead_letter_not_a_crash(monkeypatch: pytest.M
         raise KeyError(f"secret payload {raw!r}")
 
     monkeypatch.setattr(triage_module, "parse_event", broken)
-    verdict = triage(SETTINGS, SETTINGS.topic_clicks, None, b"review text here")
+    verdict = triage(SETTINGS, SETTINGS.topic_clicks, None, b"review text here", LATE_CLOCK)
     assert verdict == Rejection("validator_error",
                                 "validator error (KeyError); this is a bug in the engine, not the message")
     assert "validator bug: KeyError" in caplog.text
@@ -110,7 +113,7 @@ WRONG_TYPES = st.one_of(st.lists(json_ints, max_size=3), st.dictionaries(st.text
 
 
 def verdict_for(raw: bytes | None, event_type: str = "click", key: bytes | None = None) -> Event | Rejection:
-    return triage(SETTINGS, TOPICS[event_type], key, raw)
+    return triage(SETTINGS, TOPICS[event_type], key, raw, LATE_CLOCK)
 
 
 @hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -178,3 +181,43 @@ def test_a_field_of_the_wrong_type_is_rejected(doc: dict[str, Any], data: st.Dat
     assert verdict.reason.startswith(field)
     assert f"got {type(value).__name__}" in verdict.reason
     assert verdict.kind in ("wrong_type", "bad_timestamp", "bad_rating")
+
+
+# -- bad clocks: the future-timestamp rule ------------------------------------------------------------------
+
+NOW = 1_800_000_000.0  # an ingest clock (2027-01-15)
+
+
+def test_an_event_more_than_max_future_past_the_ingest_clock_is_dead_lettered() -> None:
+    limit = SETTINGS.max_future_s
+    assert limit == 86400.0  # the documented default: one day
+    just_in = orjson.dumps({"event_id": "e", "user_id": "u", "ts": NOW + limit, "type": "click", "item_id": "i"})
+    just_out = orjson.dumps({"event_id": "e", "user_id": "u", "ts": NOW + limit + 1, "type": "click", "item_id": "i"})
+    year_2199 = orjson.dumps({"event_id": "e", "user_id": "u", "ts": "2199-06-01T00:00:00Z", "type": "click",
+                              "item_id": "i"})
+    assert isinstance(triage(SETTINGS, TOPICS["click"], None, just_in, NOW), Event)
+    assert triage(SETTINGS, TOPICS["click"], None, just_out, NOW) == Rejection(
+        "future_timestamp", "ts 1800086401.0 is 86401 s past the wall clock at ingest (1800000000), "
+                            "more than the 86400 s allowed")
+    verdict = triage(SETTINGS, TOPICS["click"], None, year_2199, NOW)
+    assert isinstance(verdict, Rejection) and verdict.kind == "future_timestamp"
+    # The limit is a setting.
+    tight = Settings(topic_clicks="clicks-t", topic_searches="searches-t", topic_reviews="reviews-t", max_future_s=60)
+    assert triage(tight, TOPICS["click"], None, orjson.dumps({**orjson.loads(just_in), "ts": NOW + 61}), NOW) \
+        == Rejection("future_timestamp", "ts 1800000061.0 is 61 s past the wall clock at ingest (1800000000), "
+                                         "more than the 60 s allowed")
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(valid_events(), st.floats(0, MAX_TS, exclude_max=True), st.floats(0, MAX_TS))
+def test_what_an_ingest_clock_accepts_every_later_clock_accepts(doc: dict[str, Any], live: float,
+                                                                  later_by: float) -> None:
+    """Replay runs later than live, with a later wall clock: it never dead-letters what live accepted."""
+    raw = orjson.dumps(doc)
+    at_live = triage(SETTINGS, TOPICS[doc["type"]], None, raw, live)
+    at_replay = triage(SETTINGS, TOPICS[doc["type"]], None, raw, live + later_by)
+    if isinstance(at_live, Event):
+        assert at_replay == at_live
+    else:
+        assert at_live.kind == "future_timestamp" and at_live.reason.startswith(f"ts {float(doc['ts'])!r}")
+        assert float(doc["ts"]) > live + SETTINGS.max_future_s
