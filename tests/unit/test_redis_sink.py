@@ -16,9 +16,10 @@ from stream_app.core.fold import fold_batch
 from stream_app.core.profile import Delta, ProfileParams, ProfileState
 from stream_app.core.replica import ProfileReplicas
 from stream_app.serving.redis_sink import DeltaSink, Item
-from stream_app.serving.redis_store import ProfileStore, profile_key
+from stream_app.serving.redis_store import Loaded, ProfileStore, profile_key
 
 HOUR = 3600.0
+TOPIC = "deltas"
 USERS = ("u1", "u2", "u3", "u4")
 PARAMS = ProfileParams(half_life_s=6 * HOUR, weights={"click": 1.0, "search": 2.0, "review": 3.0}, top_k=3)
 
@@ -55,7 +56,7 @@ def as_items(deltas: list[Delta]) -> list[Item]:
     items = []
     for delta in deltas:
         partition = partition_of(delta["user_id"])
-        items.append(Item("deltas", partition, offsets[partition], delta))
+        items.append(Item(TOPIC, partition, offsets[partition], delta))
         offsets[partition] += 1
     return items
 
@@ -97,7 +98,7 @@ def batches(items: list[Item], sizes: list[int]) -> Iterator[list[Item]]:
 async def test_deltas_applied_in_order_give_the_replicas_bit_for_bit(redis: Any) -> None:
     deltas = worker_deltas()
     items = as_items(deltas)
-    store = ProfileStore(redis)
+    store = ProfileStore(redis, TOPIC)
     sink = DeltaSink(store, TopicHistory(items))
     for batch in batches(items, [1, 5, 2, 17]):
         await sink.write(batch)
@@ -108,7 +109,7 @@ async def test_deltas_applied_in_order_give_the_replicas_bit_for_bit(redis: Any)
     assert await store.views(["u2", "nobody"]) == [v for v in expected_views(deltas) if v["user_id"] == "u2"]
     assert sink.stats.applied == len(deltas) and sink.stats.skipped == 0 and sink.stats.resynced == 0
     for user in USERS:
-        stored = await redis.hgetall(profile_key(user))
+        stored = await redis.hgetall(profile_key(TOPIC, user))
         last = max(d["version"] for d in deltas if d["user_id"] == user)
         assert int(stored[b"version"]) == orjson.loads(stored[b"state"])["version"] == last
 
@@ -116,7 +117,7 @@ async def test_deltas_applied_in_order_give_the_replicas_bit_for_bit(redis: Any)
 async def test_old_and_duplicate_versions_are_skipped(redis: Any) -> None:
     deltas = worker_deltas()
     items = as_items(deltas)
-    store = ProfileStore(redis)
+    store = ProfileStore(redis, TOPIC)
     sink = DeltaSink(store, TopicHistory(items))
     await sink.write(items)
     before = await store.views()
@@ -137,7 +138,7 @@ async def test_a_gap_rebuilds_the_user_from_the_topic(redis: Any) -> None:
     deltas = worker_deltas()
     items = as_items(deltas)
     history = TopicHistory(items)
-    store = ProfileStore(redis)
+    store = ProfileStore(redis, TOPIC)
     sink = DeltaSink(store, history)
     u1 = [item for item in items if item.delta["user_id"] == "u1"]
     assert len(u1) >= 6
@@ -151,7 +152,7 @@ async def test_a_gap_rebuilds_the_user_from_the_topic(redis: Any) -> None:
     assert (await store.views(["u1"])) == expected_views([i.delta for i in u1[:5]])
 
     # Redis lost a key: the next delta of that user is a gap too, and the rebuild covers it.
-    await redis.delete(profile_key("u1"))
+    await redis.delete(profile_key(TOPIC, "u1"))
     await sink.write(u1[5:])
     assert len(history.calls) == 2 and history.calls[1] == (partition_of("u1"), {"u1": u1[-1].offset})
     assert await store.views() == expected_views(deltas)
@@ -161,10 +162,10 @@ async def test_a_gap_rebuilds_the_user_from_the_topic(redis: Any) -> None:
 async def test_a_gap_the_topic_cannot_fill_is_reported_and_applied_anyway(redis: Any) -> None:
     deltas = [d for d in worker_deltas() if d["user_id"] == "u3"]
     retained = as_items(deltas)[3:]  # retention removed the first three deltas
-    sink = DeltaSink(ProfileStore(redis), TopicHistory(retained))
+    sink = DeltaSink(ProfileStore(redis, TOPIC), TopicHistory(retained))
     await sink.write(retained[-1:])
     assert sink.stats.resynced == 1 and sink.stats.unrepaired == 1
-    [view] = await ProfileStore(redis).views()
+    [view] = await ProfileStore(redis, TOPIC).views()
     assert view["version"] == deltas[-1]["version"]
 
 
@@ -172,12 +173,12 @@ async def test_a_restart_continues_from_the_stored_versions(redis: Any) -> None:
     deltas = worker_deltas()
     items = as_items(deltas)
     half = len(items) // 2
-    first = DeltaSink(ProfileStore(redis), TopicHistory(items))
+    first = DeltaSink(ProfileStore(redis, TOPIC), TopicHistory(items))
     await first.write(items[:half])
 
     # The restarted subscriber's committed offset is older than what Redis has (killed before the commit):
     # it gets everything again from the beginning.
-    restarted = DeltaSink(ProfileStore(redis), TopicHistory(items))
+    restarted = DeltaSink(ProfileStore(redis, TOPIC), TopicHistory(items))
     for batch in batches(items, [7]):
         await restarted.write(batch)
     assert restarted.stats.skipped == half
@@ -190,12 +191,12 @@ class RacingStore(ProfileStore):
     """Lets another subscriber write between this one's read and its compare-and-set, once."""
 
     def __init__(self, client: Any, other: DeltaSink, other_items: list[Item]) -> None:
-        super().__init__(client)
+        super().__init__(client, TOPIC)
         self.other, self.other_items = other, other_items
         self.raced = False
 
-    async def load(self, user_ids: Any) -> dict[str, ProfileState]:
-        loaded = await super().load(user_ids)
+    async def load_checked(self, user_ids: Any) -> Loaded:
+        loaded = await super().load_checked(user_ids)
         if not self.raced:
             self.raced = True
             await self.other.write(self.other_items)
@@ -206,11 +207,11 @@ async def test_compare_and_set_stops_two_appliers_from_overwriting_each_other(re
     deltas = [d for d in worker_deltas() if d["user_id"] == "u2"]
     items = as_items(deltas)
     assert len(items) >= 6
-    first = DeltaSink(ProfileStore(redis), TopicHistory(items))
+    first = DeltaSink(ProfileStore(redis, TOPIC), TopicHistory(items))
     await first.write(items[:2])
 
     # B applies versions 3..5 while A, which read version 2, is applying 3.
-    other = DeltaSink(ProfileStore(redis), TopicHistory(items))
+    other = DeltaSink(ProfileStore(redis, TOPIC), TopicHistory(items))
     racing = DeltaSink(RacingStore(redis, other, copy.deepcopy(items[2:5])), TopicHistory(items))
     await racing.write(copy.deepcopy(items[2:3]))
 
@@ -223,7 +224,7 @@ async def test_compare_and_set_stops_two_appliers_from_overwriting_each_other(re
 
 
 async def test_compare_and_set_refuses_a_stale_expected_version(redis: Any) -> None:
-    store = ProfileStore(redis)
+    store = ProfileStore(redis, TOPIC)
     state = ProfileState("u9", version=4, landmark=0.0, as_of=1.0, half_life_s=HOUR, activity={"click": 2.0})
     assert await store.compare_and_set({"u9": (0, state)}) == set()
     newer = ProfileState("u9", version=5, landmark=0.0, as_of=2.0, half_life_s=HOUR, activity={"click": 9.0})
@@ -231,4 +232,4 @@ async def test_compare_and_set_refuses_a_stale_expected_version(redis: Any) -> N
     stored = await store.get("u9")
     assert stored is not None and stored.version == 4 and stored.activity == {"click": 2.0}
     assert await store.compare_and_set({"u9": (4, newer)}) == set()
-    assert int(await redis.hget(profile_key("u9"), "version")) == 5
+    assert int(await redis.hget(profile_key(TOPIC, "u9"), "version")) == 5
