@@ -161,9 +161,13 @@ class ProfileStore:
 def redis_client(settings: Settings, url: str | None = None) -> Any:
     """The subscriber's client: bounded connect and read times, so a stalled Redis is an error, not a hang."""
     import redis.asyncio
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
 
     password = settings.redis_password.get_secret_value() if settings.redis_password is not None else None
-    # retry_on_timeout/retry are left to the sink: it retries a whole batch with its own backoff and metrics.
+    # No per-command retries inside redis-py (its default: 3, with up to 10 s waits, invisible): the sink
+    # retries whole batches with its own bounded backoff, counted and logged (redis_sink.write_with_retry).
     return redis.asyncio.from_url(url or settings.redis_url, password=password,
                                   socket_timeout=settings.redis_socket_timeout_s,
-                                  socket_connect_timeout=settings.redis_connect_timeout_s)
+                                  socket_connect_timeout=settings.redis_connect_timeout_s,
+                                  retry=Retry(NoBackoff(), 0))
