@@ -73,11 +73,13 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
 
 def _cmd_subscribe(args: argparse.Namespace) -> int:
     from stream_app.ops.settings import get_settings
+    from stream_app.serving.redis_sink import Backoff
     from stream_app.serving.subscribe import SubscribeOptions, group_id_for, run_subscriber
 
     settings = get_settings()
     options = SubscribeOptions(topic=args.topic or settings.topic_deltas, group_id=args.group or group_id_for(settings),
-                               until_caught_up=args.until_caught_up)
+                               until_caught_up=args.until_caught_up,
+                               backoff=Backoff(settings.sink_backoff_initial_s, settings.sink_backoff_max_s))
     run_subscriber(settings, options, redis_url=args.redis)
     return 0
 
@@ -89,7 +91,7 @@ def _cmd_redis_get(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     users = [pseudonymiser(settings.pseudonym_key)(u) for u in args.users] if args.raw else args.users
-    views = asyncio.run(read_views(settings, users or None, args.at, redis_url=args.redis))
+    views = asyncio.run(read_views(settings, users or None, args.at, redis_url=args.redis, topic=args.topic))
     for view in views:
         sys.stdout.write(orjson.dumps(view).decode() + "\n")
     return 0 if len(views) == len(users) or not users else 1
@@ -170,7 +172,8 @@ def parser() -> argparse.ArgumentParser:
     snapshot.add_argument("--topic", help="delta topic to read (default PROFILE_TOPIC_DELTAS), e.g. a replay's")
     snapshot.set_defaults(func=_cmd_snapshot)
 
-    subscribe = commands.add_parser("subscribe", help="materialise profile-deltas into Redis (profile:{user_id})")
+    subscribe = commands.add_parser("subscribe",
+                                    help="materialise profile-deltas into Redis (profile:{topic}:{user_id})")
     subscribe.add_argument("--redis", default=None, help="Redis URL (default PROFILE_REDIS_URL)")
     subscribe.add_argument("--topic", help="delta topic to read (default PROFILE_TOPIC_DELTAS)")
     subscribe.add_argument("--group", help="consumer group (default <PROFILE_APP_ID>-redis-sink)")
@@ -183,6 +186,7 @@ def parser() -> argparse.ArgumentParser:
     redis_get.add_argument("--at", type=read_time, default=None, help="age values to this epoch time (seconds)")
     redis_get.add_argument("--redis", default=None, help="Redis URL (default PROFILE_REDIS_URL)")
     redis_get.add_argument("--raw", action="store_true", help="USER is a real id: pseudonymise it first")
+    redis_get.add_argument("--topic", help="delta topic whose subscriber wrote them (default PROFILE_TOPIC_DELTAS)")
     redis_get.set_defaults(func=_cmd_redis_get)
 
     replay = commands.add_parser("replay", help="rebuild profiles from history under a new app id")
@@ -213,10 +217,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
     args = parser().parse_args(argv)
     if args.command != "worker":
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except ValidationError as error:
+        # A settings error is a configuration problem, not a crash: the reasons without a traceback. The
+        # settings hide every rejected value (hide_input_in_errors), so no secret is printed here.
+        print(f"stream-app {args.command}: invalid settings: {error}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

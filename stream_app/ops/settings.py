@@ -5,15 +5,18 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SEVEN_DAYS_S = 7 * 24 * 3600.0
 MIN_PSEUDONYM_KEY_CHARS = 16
+MIN_WEB_TOKEN_CHARS = 16
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PROFILE_", extra="ignore")
+    # hide_input_in_errors: a rejected value is never echoed in a ValidationError, since the value of a
+    # secret (or the whole input, for the model-level checks) would otherwise be printed with it.
+    model_config = SettingsConfigDict(env_prefix="PROFILE_", extra="ignore", hide_input_in_errors=True)
 
     # -- Kafka -----------------------------------------------------------------------------------------
     broker_url: str = Field("kafka://127.0.0.1:9092", description="Faust broker URL(s), `;`-separated")
@@ -93,6 +96,27 @@ class Settings(BaseSettings):
     pseudonym_key: SecretStr | None = Field(
         None, description="HMAC key: user ids leaving the worker become pseudonyms (stream_app.core.pseudonym)"
     )
+
+    # -- HTTP access and the Redis sink (docs/serving.md, docs/operations.md) ----------------------------
+    web_token: SecretStr | None = Field(
+        None, description="when set, every HTTP route but GET /ready needs `Authorization: Bearer <token>`"
+    )
+    redis_socket_timeout_s: float = Field(5.0, gt=0, description="Redis read/write timeout of the subscriber")
+    redis_connect_timeout_s: float = Field(5.0, gt=0, description="Redis connect timeout of the subscriber")
+    sink_backoff_initial_s: float = Field(0.2, gt=0, description="first wait before retrying a failed Redis write")
+    sink_backoff_max_s: float = Field(30.0, gt=0, description="longest wait between Redis retries (doubling)")
+    sink_metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Prometheus port of `stream-app subscribe` (unset: no metrics server)"
+    )
+    sink_metrics_host: str = Field("127.0.0.1", description="address the subscriber's metrics server binds to")
+
+    @field_validator("web_token")
+    @classmethod
+    def _check_web_token(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and len(token.get_secret_value()) < MIN_WEB_TOKEN_CHARS:
+            # Guessable by trying; the message names the rule, never the value.
+            raise ValueError(f"PROFILE_WEB_TOKEN needs at least {MIN_WEB_TOKEN_CHARS} characters")
+        return token
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:

@@ -54,6 +54,8 @@ def faust_config(settings: Settings) -> dict[str, Any]:
         "stream_buffer_maxsize": 4 * settings.batch_max,
         "consumer_max_fetch_size": 4 * 1024 * 1024,
         "broker_credentials": _credentials(settings),
+        # Faust's own views off; the bearer-token check when PROFILE_WEB_TOKEN is set (worker/web.py).
+        **web.faust_web_config(settings.web_token.get_secret_value() if settings.web_token is not None else None),
     }
     if settings.embedded_broker:
         config.update(tansu_workarounds.app_overrides(settings))

@@ -1,4 +1,5 @@
-"""Serving: the delta topic materialised into a real redis-server, and pseudonymised user ids."""
+"""Serving: the delta topic materialised into a real redis-server (killed, stalled and restarted too), and
+pseudonymised user ids."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +112,7 @@ def test_redis_holds_exactly_the_snapshot_profiles(stack: Stack, redis_url: str)
     lost = events[-1]["user_id"]
     store = redis.Redis.from_url(redis_url)
     try:
-        assert store.delete(f"profile:{lost}") == 1
+        assert store.delete(f"profile:{stack.settings.topic_deltas}:{lost}") == 1
     finally:
         store.close()
     late = {"event_id": "late-click", "user_id": lost, "ts": events[-1]["ts"] + 60, "type": "click", "item_id": "x"}
@@ -122,10 +124,10 @@ def test_redis_holds_exactly_the_snapshot_profiles(stack: Stack, redis_url: str)
     assert_same_profiles(redis_views(stack, redis_url), stack.snapshot_cli())
 
 
-def start_subscriber(stack: Stack, redis_url: str, log: Path) -> subprocess.Popen[bytes]:
+def start_subscriber(stack: Stack, redis_url: str, log: Path, **env: str) -> subprocess.Popen[bytes]:
     with log.open("ab") as handle:
         return subprocess.Popen([sys.executable, "-m", "stream_app.cli", "subscribe", "--redis", redis_url],
-                                cwd=ROOT, env=stack.env, stdout=handle, stderr=subprocess.STDOUT)
+                                cwd=ROOT, env={**stack.env, **env}, stdout=handle, stderr=subprocess.STDOUT)
 
 
 def test_a_subscriber_killed_mid_stream_resumes_without_loss_or_double_counting(
@@ -214,7 +216,8 @@ def test_with_a_pseudonym_key_no_raw_user_id_leaves_the_worker(make_stack: Any, 
     store = redis.Redis.from_url(redis_url)
     try:
         dump = b"".join(key + b"".join(store.hgetall(key).values()) for key in store.keys("*"))
-        assert sorted(store.keys("*")) == sorted(f"profile:{a}".encode() for a in aliases.values())
+        topic = stack.settings.topic_deltas
+        assert sorted(store.keys("*")) == sorted(f"profile:{topic}:{a}".encode() for a in aliases.values())
     finally:
         store.close()
     assert not [raw for raw in raw_ids if raw.encode() in dump]
@@ -231,3 +234,128 @@ def test_with_a_pseudonym_key_no_raw_user_id_leaves_the_worker(make_stack: Any, 
     eventually(lookups_answer_with_pseudonyms)
     status, body = http_get(stack.web_ports[0], "/profiles/nobody")
     assert status == 404 and body["user_id"] == pseudonym(key.encode(), "nobody")
+
+
+class RedisServer:
+    """A redis-server that can be stalled, killed and restarted on the same port with its data: every write
+    is fsynced to the append-only file before Redis answers it (appendfsync always)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port, self.dir = free_port(), workdir
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        with (self.dir / "redis.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+                 "--appendfsync", "always", "--dir", str(self.dir)], stdout=log, stderr=subprocess.STDOUT)
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 20
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return self
+                except redis.ConnectionError:
+                    if self.process.poll() is not None or time.monotonic() > deadline:
+                        pytest.fail(f"redis-server did not start:\n{(self.dir / 'redis.log').read_text()[-2000:]}")
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
+    def signal(self, sig: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+            self.kill()
+
+
+def sink_metrics(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:  # noqa: S310
+        lines = response.read().decode().splitlines()
+    return {line.split()[0]: float(line.split()[1]) for line in lines if line.startswith("profile_sink_")}
+
+
+def test_redis_stalled_killed_and_restarted_mid_stream_ends_equal_to_the_snapshot(stack: Stack, tmp_path: Path) -> None:
+    server = RedisServer(tmp_path).start()
+    events = clicks_and_searches(customers=40)
+    chunks = [events[i:i + 10] for i in range(0, len(events), 10)]
+    assert len(chunks) >= 5
+    stack.start_worker()
+    metrics_port = free_port()
+    log = tmp_path / "subscriber.log"
+    subscriber = start_subscriber(stack, server.url, log, PROFILE_SINK_METRICS_PORT=str(metrics_port),
+                                  PROFILE_REDIS_SOCKET_TIMEOUT_S="1", PROFILE_REDIS_CONNECT_TIMEOUT_S="1",
+                                  PROFILE_SINK_BACKOFF_MAX_S="1")
+
+    def metric(name: str) -> float:
+        assert subscriber.poll() is None, log.read_text()
+        return sink_metrics(metrics_port)[f"profile_sink_{name}_total"]
+
+    def more_reconnects_than(before: float) -> Callable[[], None]:
+        return lambda: assert_more(metric("reconnects"), before)
+
+    try:
+        # Phases instead of a timed trickle: each fault happens while deltas are arriving, whatever the load.
+        stack.produce(chunks[0])
+        eventually(lambda: assert_more(metric("applied"), 0), timeout_s=120, interval_s=0.2)
+
+        # Stalled (SIGSTOP) with deltas arriving: the subscriber's reads time out instead of hanging; it retries.
+        server.signal(signal.SIGSTOP)
+        before = metric("reconnects")
+        stack.produce(chunks[1])
+        eventually(more_reconnects_than(before), timeout_s=90, interval_s=0.2)
+        server.signal(signal.SIGCONT)
+
+        # Killed (SIGKILL) with deltas (and a record that is not a delta) arriving, then restarted on the same
+        # port with its append-only file.
+        server.kill()
+        before = metric("reconnects")
+        stack.produce(chunks[2])
+        stack.produce_raw(stack.settings.topic_deltas, b"junk-marker-51x", b"someone")
+        stack.flush()
+        eventually(more_reconnects_than(before), timeout_s=90, interval_s=0.2)
+        server.start()
+
+        for chunk in chunks[3:]:
+            stack.produce(chunk)
+        stack.wait_for_events({e["event_id"] for e in events}, timeout_s=120)
+        snapshot = stack.snapshot_cli()
+        assert len(snapshot) == 40
+
+        def redis_equals_snapshot() -> None:
+            assert subscriber.poll() is None, log.read_text()
+            assert_same_profiles(redis_views(stack, server.url), snapshot)
+
+        eventually(redis_equals_snapshot, timeout_s=120, interval_s=0.5)
+        final = sink_metrics(metrics_port)
+        subscriber.send_signal(signal.SIGTERM)
+        assert subscriber.wait(timeout=30) == 0, log.read_text()
+    finally:
+        if subscriber.poll() is None:
+            subscriber.kill()
+            subscriber.wait()
+        server.stop()
+    assert final["profile_sink_reconnects_total"] >= 2
+    assert final["profile_sink_malformed_total"] == 1
+    assert final["profile_sink_foreign_total"] == final["profile_sink_unrepaired_total"] == 0
+    output = log.read_text()
+    assert "Timeout" in output and "retried" in output  # the stall was a timeout, logged
+    assert "is not a delta (not JSON)" in output and "junk-marker-51x" not in output  # logged without payload
+    assert "stopped" in output
+
+
+def assert_more(now: float, before: float) -> None:
+    assert now > before, (now, before)
