@@ -41,13 +41,7 @@ def encoder_ceiling(settings: Settings, texts: list[str]) -> dict[str, Any]:
     from stream_app.encoding.bert_encoder import BertEncoder
 
     encoder = BertEncoder.from_settings(settings)
-    batches = []
-    for start in range(0, len(texts), settings.review_batch_max):
-        chunk = texts[start : start + settings.review_batch_max]
-        token_ids = encoder.tokenize(chunk)
-        for indices in plan_batches([len(ids) for ids in token_ids], max_batch_tokens=settings.encoder_batch_tokens,
-                                    max_batch_size=settings.encoder_batch_size):
-            batches.append(encoder.collate([token_ids[i] for i in indices]))
+    batches = planned_batches(encoder, settings, texts)
     started = time.perf_counter()  # forward passes only: tokenising is the pipeline's to hide
     for inputs in batches:
         encoder.forward(inputs)
@@ -56,6 +50,52 @@ def encoder_ceiling(settings: Settings, texts: list[str]) -> dict[str, Any]:
     return {"texts": len(texts), "seconds": round(seconds, 2), "texts_per_s": round(len(texts) / seconds, 1),
             "forward_passes": forward_passes, "device": str(encoder.device), "precision": encoder.precision,
             "threads": _torch_threads()}
+
+
+def planned_batches(encoder: Any, settings: Settings, texts: list[str]) -> list[Any]:
+    """Model inputs cut exactly as the worker cuts them: micro-batches of review_batch_max, token budget."""
+    batches = []
+    for start in range(0, len(texts), settings.review_batch_max):
+        chunk = texts[start : start + settings.review_batch_max]
+        token_ids = encoder.tokenize(chunk)
+        for indices in plan_batches([len(ids) for ids in token_ids], max_batch_tokens=settings.encoder_batch_tokens,
+                                    max_batch_size=settings.encoder_batch_size):
+            batches.append(encoder.collate([token_ids[i] for i in indices]))
+    return batches
+
+
+def sentiment_branch_cost(settings: Settings, texts: list[str], rounds: int = 2) -> dict[str, Any]:
+    """Encoder time with the sentiment branch against the encoder as it was before it (same model, linear head
+    on the pooled vector), on the same forward batches, in this run. The two alternate round by round so that
+    a neighbour's load on the shared machine hits both alike; each keeps its fastest round."""
+    from stream_app.encoding.bert_encoder import BertEncoder
+    from stream_app.encoding.sentiment import SentimentHead
+
+    branched = BertEncoder.from_settings(settings)
+    if branched.branch is None:
+        return {"skipped": "PROFILE_SENTIMENT_HEAD is set: the worker runs without the branch"}
+    plain = BertEncoder(settings.encoder_model, device=settings.encoder_device, precision=settings.encoder_precision,
+                        max_length=settings.encoder_max_length, threads=_torch_threads(),
+                        sentiment_head=SentimentHead.load_default())
+    batches = planned_batches(branched, settings, texts)
+    seconds: dict[str, list[float]] = {"without_branch": [], "with_branch": []}
+    for _ in range(rounds):
+        for name, encoder in (("without_branch", plain), ("with_branch", branched)):
+            started = time.perf_counter()
+            for inputs in batches:
+                encoder.forward(inputs)
+            seconds[name].append(time.perf_counter() - started)
+    best = {name: min(values) for name, values in seconds.items()}
+    return {
+        "texts": len(texts), "rounds": rounds, "forward_passes": len(batches),
+        "without_branch": {"seconds": round(best["without_branch"], 2),
+                           "texts_per_s": round(len(texts) / best["without_branch"], 1)},
+        "with_branch": {"seconds": round(best["with_branch"], 2),
+                        "texts_per_s": round(len(texts) / best["with_branch"], 1)},
+        "extra_encoder_time_pct": round(100 * (best["with_branch"] / best["without_branch"] - 1), 1),
+        "branch_layers": branched.branch.branch_layers, "device": str(branched.device),
+        "precision": branched.precision, "threads": _torch_threads(),
+    }
 
 
 def _torch_threads() -> int:
@@ -92,15 +132,18 @@ def pipeline_run(broker: EmbeddedBroker, events: list[dict[str, Any]], *, rate: 
         deployment.stop()
 
 
-def run(broker: EmbeddedBroker, reviews: int = 2000, per_event_reviews: int = 600) -> dict[str, Any]:
+def run(broker: EmbeddedBroker, reviews: int = 2000, per_event_reviews: int = 600,
+        branch_cost_reviews: int = 1000) -> dict[str, Any]:
     events = review_events(reviews)
     settings = Settings()  # the workers below read the same PROFILE_* environment
     ceiling = encoder_ceiling(settings, [e["text"] for e in events])
+    branch_cost = sentiment_branch_cost(settings, [e["text"] for e in events[:branch_cost_reviews]])
     full = pipeline_run(broker, events)
     half = pipeline_run(broker, events, rate=full["reviews_per_s"] / 2)
     per_event = pipeline_run(broker, events[:per_event_reviews], PROFILE_REVIEW_BATCH_MAX="1")
     return {
         "encoder_ceiling": ceiling,
+        "sentiment_branch_cost": branch_cost,
         "pipeline_full_load": full,
         "pipeline_half_load": half,
         "per_event_baseline": per_event,

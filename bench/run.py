@@ -1,6 +1,7 @@
 """`make bench`: every benchmark in one run on one machine; prints a table, writes bench/results.json.
 
-Sizes can be cut for a quick look: BENCH_REVIEWS, BENCH_PER_EVENT_REVIEWS, BENCH_CLICK_SEARCH_EVENTS.
+Sizes can be cut for a quick look: BENCH_REVIEWS, BENCH_PER_EVENT_REVIEWS, BENCH_BRANCH_COST_REVIEWS,
+BENCH_CLICK_SEARCH_EVENTS.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def main() -> int:
     with EmbeddedBroker() as broker:
         print("reviews: encoder ceiling, pipeline at full and half load, per-event baseline ...", flush=True)
         results["reviews"] = reviews.run(broker, reviews=int(os.environ.get("BENCH_REVIEWS", "2000")),
-                                         per_event_reviews=int(os.environ.get("BENCH_PER_EVENT_REVIEWS", "600")))
+                                         per_event_reviews=int(os.environ.get("BENCH_PER_EVENT_REVIEWS", "600")),
+                                         branch_cost_reviews=int(os.environ.get("BENCH_BRANCH_COST_REVIEWS", "1000")))
         print("click/search: one worker on a backlog of real-derived events ...", flush=True)
         limit = os.environ.get("BENCH_CLICK_SEARCH_EVENTS")
         results["click_search"] = click_search.run(broker, int(limit) if limit else None)
@@ -58,6 +60,7 @@ def table(results: dict[str, Any]) -> str:
     r, c = results["reviews"], results["click_search"]
     rows = [
         ("encoder ceiling (texts/s)", f"{r['encoder_ceiling']['texts_per_s']:.1f}"),
+        *_branch_rows(r.get("sentiment_branch_cost", {})),
         ("pipeline, full load (reviews/s)", f"{r['pipeline_full_load']['reviews_per_s']:.1f}"),
         ("  latency p50 / p99 (s)", f"{r['pipeline_full_load']['latency_p50_s']} / "
                                     f"{r['pipeline_full_load']['latency_p99_s']}"),
@@ -71,6 +74,16 @@ def table(results: dict[str, Any]) -> str:
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
+
+
+def _branch_rows(cost: dict[str, Any]) -> list[tuple[str, str]]:
+    if "with_branch" not in cost:
+        return [("sentiment branch cost", cost.get("skipped", "not measured"))]
+    return [
+        ("encoder without / with sentiment branch (texts/s)",
+         f"{cost['without_branch']['texts_per_s']:.1f} / {cost['with_branch']['texts_per_s']:.1f}"),
+        ("  extra encoder time for the branch", f"{cost['extra_encoder_time_pct']:+.1f}%"),
+    ]
 
 
 if __name__ == "__main__":

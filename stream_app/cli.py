@@ -120,12 +120,21 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_sentiment(args: argparse.Namespace) -> int:
-    from stream_app.encoding.sentiment import DEFAULT_HEAD_PATH
-    from stream_app.encoding.sentiment_training import train
+    if args.linear_head:
+        from stream_app.encoding.sentiment import DEFAULT_HEAD_PATH
+        from stream_app.encoding.sentiment_training import train
 
-    out = Path(args.out) if args.out else DEFAULT_HEAD_PATH
-    report = train(out, limit=args.limit, progress=not args.quiet,
-                   embeddings_cache=Path(args.embeddings_cache) if args.embeddings_cache else None)
+        out = Path(args.out) if args.out else DEFAULT_HEAD_PATH
+        report = train(out, limit=args.limit, progress=not args.quiet,
+                       embeddings_cache=Path(args.embeddings_cache) if args.embeddings_cache else None)
+    else:
+        from stream_app.encoding import sentiment_branch_training as branch_training
+        from stream_app.encoding.sentiment_branch import DEFAULT_BRANCH_PATH
+
+        out = Path(args.out) if args.out else DEFAULT_BRANCH_PATH
+        report = branch_training.train(out, limit=args.limit, progress=not args.quiet, epochs=args.epochs,
+                                       branch_layers=args.branch_layers,
+                                       cache_dir=Path(args.cache_dir) if args.cache_dir else None)
     print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     print(f"wrote {out}")
     return 0
@@ -203,10 +212,19 @@ def parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", default="sample-events.jsonl", help=".jsonl, .jsonl.gz, .csv or .parquet")
     sample.set_defaults(func=_cmd_sample)
 
-    train = commands.add_parser("train-sentiment", help="fit the sentiment head on real reviews; report vs VADER")
-    train.add_argument("--out", default=None, help="weights file (default: the committed sentiment_head.json)")
+    train = commands.add_parser("train-sentiment",
+                                help="fine-tune the sentiment branch on real reviews; report vs VADER and the old head")
+    train.add_argument("--out", default=None,
+                       help="weights file (default: the committed sentiment_branch.safetensors, or "
+                            "sentiment_head.json with --linear-head)")
     train.add_argument("--limit", type=int, default=None, help="use only the first N reviews (quick runs)")
-    train.add_argument("--embeddings-cache", default=None, help="reuse/save review embeddings here (.pt)")
+    train.add_argument("--epochs", type=int, default=4)
+    train.add_argument("--branch-layers", type=int, default=1, help="top encoder layers copied into the branch")
+    train.add_argument("--cache-dir", default=None,
+                       help="reuse/save the frozen layers' outputs here (about 1.4 GB for the full data)")
+    train.add_argument("--linear-head", action="store_true",
+                       help="fit the old logistic-regression head on the pooled embedding instead")
+    train.add_argument("--embeddings-cache", default=None, help="--linear-head: reuse/save embeddings here (.pt)")
     train.add_argument("--quiet", action="store_true")
     train.set_defaults(func=_cmd_train_sentiment)
 

@@ -1,8 +1,10 @@
 """The real review encoder: a local BERT-family model (default all-MiniLM-L6-v2), resident on GPU or CPU.
 
 Loaded once per worker from a folder on disk, never from a hub. Mean pooling over the attention mask,
-L2-normalised; the sentiment head (`stream_app.encoding.sentiment`) reads the same pooled vector, so one forward
-pass gives both outputs.
+L2-normalised. Sentiment comes from a fine-tuned branch (`stream_app.encoding.sentiment_branch`) that reads the
+hidden states below the model's top layer(s) from the same forward pass, so one pass over the shared layers
+gives both outputs. The older linear head on the pooled vector (`stream_app.encoding.sentiment`) is still
+used when PROFILE_SENTIMENT_HEAD names one.
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ import torch
 
 from stream_app.encoding.encoder import Encoded
 from stream_app.encoding.sentiment import SentimentHead
+from stream_app.encoding.sentiment_branch import (
+    DEFAULT_BRANCH_PATH,
+    SentimentBranch,
+    SentimentBranchError,
+    model_fingerprint,
+    read_header,
+)
 
 if TYPE_CHECKING:
     from stream_app.ops.settings import Settings
@@ -50,11 +59,20 @@ def check_configuration(settings: Settings) -> None:
         raise EncoderConfigurationError(f"PROFILE_ENCODER_MODEL: no Hugging Face model (config.json) in {model_dir}")
     if settings.sentiment_head and not Path(settings.sentiment_head).is_file():
         raise EncoderConfigurationError(f"PROFILE_SENTIMENT_HEAD: no such file {settings.sentiment_head}")
+    if not settings.sentiment_head:  # the branch serves sentiment: its file must exist and fit this model
+        try:
+            read_header(branch_path(settings), model_dir)
+        except SentimentBranchError as exc:
+            raise EncoderConfigurationError(f"PROFILE_SENTIMENT_BRANCH: {exc}") from exc
     try:
         device = resolve_device(settings.encoder_device)
         resolve_precision(settings.encoder_precision, device)
     except RuntimeError as exc:
         raise EncoderConfigurationError(str(exc)) from exc
+
+
+def branch_path(settings: Settings) -> Path:
+    return Path(settings.sentiment_branch) if settings.sentiment_branch else DEFAULT_BRANCH_PATH
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -108,8 +126,11 @@ class BertEncoder:
         max_length: int = 256,
         threads: int | None = None,
         sentiment_head: SentimentHead | None = None,
+        sentiment_branch: Path | str | None = None,
         warm_up: bool = True,
     ) -> None:
+        """Sentiment: the linear `sentiment_head` when one is given, else the branch weights file
+        `sentiment_branch` (default: the committed one), which must have been trained on this model."""
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as transformers_logging
 
@@ -134,10 +155,16 @@ class BertEncoder:
         model_limit = int(getattr(model.config, "max_position_embeddings", max_length))
         self.max_length = min(max_length, model_limit)
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
-        self.sentiment = sentiment_head if sentiment_head is not None else SentimentHead.load_default()
-        if self.sentiment.dimension != self.dimension:
-            raise ValueError(f"sentiment head expects {self.sentiment.dimension}-d embeddings, "
-                             f"{self.model_dir} gives {self.dimension}")
+        self.sentiment: SentimentHead | None = sentiment_head
+        self.branch: SentimentBranch | None = None
+        if sentiment_head is not None:
+            if sentiment_head.dimension != self.dimension:
+                raise ValueError(f"sentiment head expects {sentiment_head.dimension}-d embeddings, "
+                                 f"{self.model_dir} gives {self.dimension}")
+        else:
+            path = Path(sentiment_branch) if sentiment_branch is not None else DEFAULT_BRANCH_PATH
+            branch = SentimentBranch.load(path, self.model_dir, fingerprint=model_fingerprint(self.model_dir))
+            self.branch = (branch.half() if self.precision == "fp16" else branch).to(self.device).eval()
         if warm_up:
             self.warm_up()
         log.info("encoder %s on %s (%s), max_length=%d, threads=%d", self.model_dir.name, self.device,
@@ -148,7 +175,7 @@ class BertEncoder:
         head = SentimentHead.load(Path(settings.sentiment_head)) if settings.sentiment_head else None
         return cls(settings.encoder_model, device=settings.encoder_device, precision=settings.encoder_precision,
                    max_length=settings.encoder_max_length, threads=settings.encoder_threads or _default_threads(),
-                   sentiment_head=head)
+                   sentiment_head=head, sentiment_branch=branch_path(settings))
 
     # -- TextEncoder ---------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
@@ -168,22 +195,44 @@ class BertEncoder:
         return ModelInputs(input_ids, attention_mask)
 
     def forward(self, inputs: ModelInputs) -> list[Encoded]:
-        embeddings = self.embed(inputs)
-        scores = self.sentiment.score(embeddings)
+        embeddings, scores = self.embed_and_score(inputs)
         rows = embeddings.tolist()
         return [Encoded(tuple(row), float(score)) for row, score in zip(rows, scores.tolist(), strict=True)]
 
     # -- internals ---------------------------------------------------------------------------------------
     def embed(self, inputs: ModelInputs) -> torch.Tensor:
-        """L2-normalised mean-pooled embeddings, fp32, on the CPU."""
+        """L2-normalised mean-pooled embeddings, fp32, on the CPU (no sentiment)."""
+        return self.run(inputs)[0]
+
+    def embed_and_score(self, inputs: ModelInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings as `embed`, and sentiment scores in [-1, 1], both fp32 on the CPU."""
+        embeddings, shared, mask = self.run(inputs, self.branch.input_layer if self.branch is not None else None)
+        if self.branch is not None and shared is not None:
+            with torch.inference_mode(), self._autocast():
+                logits = self.branch.logits(shared, mask)
+            return embeddings, self.branch.score(logits).cpu()
+        if self.sentiment is None:
+            raise RuntimeError("encoder has neither a sentiment branch nor a head")
+        return embeddings, self.sentiment.score(embeddings)
+
+    def run(self, inputs: ModelInputs, hidden_layer: int | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """One pass of the full model: (embeddings on the CPU, hidden_states[hidden_layer] on the device or None,
+        the attention mask on the device). The embedding never depends on whether the branch runs."""
         input_ids = inputs.input_ids.to(self.device, non_blocking=True)
         mask = inputs.attention_mask.to(self.device, non_blocking=True)
         with torch.inference_mode(), self._autocast():
-            hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        hidden = hidden.float()
+            output = self.model(input_ids=input_ids, attention_mask=mask,
+                                output_hidden_states=hidden_layer is not None)
+        shared = output.hidden_states[hidden_layer] if hidden_layer is not None else None
+        hidden = output.last_hidden_state.float()
         weights = mask.unsqueeze(-1).float()
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-        return torch.nn.functional.normalize(pooled, p=2, dim=1).cpu()
+        return torch.nn.functional.normalize(pooled, p=2, dim=1).cpu(), shared, mask
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
 
     def encode(self, texts: Sequence[str]) -> list[Encoded]:
         """Whole-batch convenience for tools and tests (the worker goes through the encoder pipeline)."""

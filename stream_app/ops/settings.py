@@ -79,7 +79,12 @@ class Settings(BaseSettings):
     encoder_preload: bool = Field(
         True, description="load and warm up the model at worker start; false: on the first review (review-less runs)"
     )
-    sentiment_head: str | None = Field(None, description="sentiment head weights (default: the committed file)")
+    sentiment_head: str | None = Field(
+        None, description="linear sentiment head (.json) on the pooled embedding; when set, used instead of the branch"
+    )
+    sentiment_branch: str | None = Field(
+        None, description="fine-tuned sentiment branch weights, .safetensors (default: the committed file)"
+    )
 
     web_enabled: bool = True
     web_host: str = Field("127.0.0.1", description="address the HTTP lookup binds to")

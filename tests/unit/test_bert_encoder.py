@@ -133,6 +133,7 @@ def test_sentiment_head_rejects_a_mismatched_dimension(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("env", "message"), [
     ({"PROFILE_ENCODER_MODEL": "/nonexistent/model"}, "PROFILE_ENCODER_MODEL: no Hugging Face model"),
     ({"PROFILE_SENTIMENT_HEAD": "/nonexistent/head.json"}, "PROFILE_SENTIMENT_HEAD: no such file"),
+    ({"PROFILE_SENTIMENT_BRANCH": "/nonexistent/branch.safetensors"}, "PROFILE_SENTIMENT_BRANCH: sentiment branch"),
     ({"PROFILE_ENCODER_DEVICE": "cpu", "PROFILE_ENCODER_PRECISION": "fp16"}, "fp16 is for CUDA"),
 ])
 def test_a_worker_with_a_bad_encoder_setting_exits_at_once_with_the_reason(env: dict[str, str], message: str) -> None:
