@@ -9,15 +9,11 @@ replaced by their length, so an accidental `log.info("%r", message.value)` canno
 from __future__ import annotations
 
 import atexit
-import fcntl
 import logging
 import logging.config
 import os
-import struct
 import sys
-import termios
 import threading
-import time
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final, TextIO
@@ -151,30 +147,41 @@ class StdioRelay:
         self.redactor = RedactingFilter()
         self._output = os.fdopen(output, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
         self._lock = threading.Lock()
-        self._read_ends: list[int] = []
+        self._threads: list[threading.Thread] = []
 
     def start(self) -> StdioRelay:
         for fd, name, level in ((1, "stdout", "INFO"), (2, "stderr", "WARNING")):
             read_end, write_end = os.pipe()
             os.dup2(write_end, fd)
             os.close(write_end)
-            self._read_ends.append(read_end)
-            threading.Thread(target=self._pump, args=(read_end, name, level), daemon=True,
-                             name=f"{name}-json-relay").start()
+            thread = threading.Thread(target=self._pump, args=(read_end, name, level), daemon=True,
+                                      name=f"{name}-json-relay")
+            thread.start()
+            self._threads.append(thread)
         return self
 
     def drain(self, timeout: float = 2.0) -> None:
-        """Wait until what was written so far is out (at exit). The pipes stay: late lines stay JSON."""
+        """At exit: relay everything written so far, then end the pumps.
+
+        Pointing fds 1 and 2 at /dev/null closes the pipes' write ends, so each pump reads what is left, then
+        end-of-file, and returns: joining them is the only reliable "all written" (a pump may hold a chunk it
+        has read but not yet written). What the interpreter prints after this, while it shuts down, is dropped
+        rather than written as a line that is not JSON.
+        """
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
             except (OSError, ValueError):
                 pass
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(_unread_bytes(fd) for fd in self._read_ends):
-            time.sleep(0.01)
-        with self._lock:  # a pump still formatting the last line finishes first
-            self._output.flush()
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            for fd in (1, 2):
+                os.dup2(null, fd)
+        finally:
+            os.close(null)
+        for thread in self._threads:
+            thread.join(timeout)
+        self._output.flush()
 
     def _pump(self, read_end: int, name: str, level: str) -> None:
         pending = b""
@@ -186,6 +193,7 @@ class StdioRelay:
                 self.emit(name, level, pending)
                 pending = b""
         self.emit(name, level, pending)
+        os.close(read_end)
 
     def emit(self, name: str, level: str, raw: bytes) -> None:
         text = raw.decode("utf-8", errors="replace").rstrip()
@@ -197,10 +205,6 @@ class StdioRelay:
             self.redactor.filter(record)
             with self._lock:
                 self._output.write(JsonFormatter().format(record) + "\n")
-
-
-def _unread_bytes(fd: int) -> int:
-    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
 
 
 _relay: StdioRelay | None = None
