@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     # -- Input limits ----------------------------------------------------------------------------------
     max_event_bytes: int = Field(64 * 1024, ge=256)
     max_text_chars: int = Field(10_000, ge=1)
+    max_record_bytes: int = Field(
+        1_000_000, ge=64 * 1024,
+        description="largest Kafka record the worker writes (key, value, headers, framing): bundles and deltas are "
+                    "split, table values and dead letters bounded to fit (docs/hostile-input.md)",
+    )
 
     # -- Processing ------------------------------------------------------------------------------------
     batch_max: int = Field(5000, ge=1, description="events per micro-batch of the ingest and profile agents")
