@@ -21,6 +21,10 @@ class Settings(BaseSettings):
         False,
         description="True when the broker is the embedded Tansu binary; turns on stream_app.kafka.tansu_workarounds",
     )
+    embedded_broker_detect: bool = Field(
+        True, description="`stream-app worker` asks the broker at start whether it is Tansu and then turns on "
+                          "embedded_broker itself; false: only the explicit setting counts",
+    )
     app_id: str = "user-profiles"
     processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
