@@ -43,7 +43,8 @@ def test_a_big_backlog_writes_only_records_under_the_limit_and_exact_profiles(ma
     stack.flush()
     stack.start_worker()
     stack.wait_for_events({e["event_id"] for e in events}, timeout_s=600)
-    assert "it is the embedded Tansu broker" in stack.worker_log()
+    worker_logs = "".join(path.read_text(errors="replace") for path in stack.workdir.glob("worker-*.log"))
+    assert "it is the embedded Tansu broker" in worker_logs
 
     settings = stack.settings
     topics = [settings.topic_events_by_user, f"{settings.app_id}-profiles-changelog", settings.topic_deltas,
