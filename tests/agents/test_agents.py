@@ -255,3 +255,38 @@ async def test_a_failed_send_fails_the_batch_instead_of_being_lost(agent_name: s
     assert producer_send.await_count >= 1
     assert [type(exc) for exc in errors] == [SendRejected]
     assert done == []
+
+
+@pytest.mark.parametrize("refused", ["table write", "delta"])
+async def test_a_failed_table_write_or_delta_fails_the_profile_batch(refused: str) -> None:
+    worker = make_worker()
+    errors: list[BaseException] = []
+    done: list[int] = []
+
+    async def on_error(_agent: Any, exc: BaseException) -> None:
+        errors.append(exc)
+
+    async def count(value: int) -> None:
+        done.append(value)
+
+    def result(failed: bool) -> asyncio.Future[None]:
+        future = PendingWrite()  # a Future with the `message` Faust's table reads
+        if failed:
+            future.set_exception(SendRejected(refused))
+        else:
+            future.set_result(None)
+        return future
+
+    async def send(*_args: Any, **_kwargs: Any) -> asyncio.Future[None]:
+        return result(refused == "delta")
+
+    agent = worker.agents["update_profiles"]
+    agent.add_sink(count)
+    with patch.object(worker.app.producer, "send", side_effect=send), \
+         patch.object(faust.Table, "send_changelog", side_effect=lambda *a, **k: result(refused == "table write")):
+        async with agent.test_context(on_error=on_error) as running:
+            await running.put(encode_bundle([Event("e1", "u1", 0.0, "click", item_id="i")]), wait=False)
+            await until(lambda: errors)
+    worker.encoder.stop()
+    assert [str(exc) for exc in errors] == [refused]
+    assert done == []
