@@ -25,6 +25,7 @@ def register(worker: WorkerApp) -> AgentT:
             metrics.BATCH_EVENTS.labels("ingest").observe(len(batch))
             valid = [event for event, _ in await admit(settings, worker.output, batch)]
             await worker.output.events(valid)
+            await worker.output.confirm_sends()  # before the batch is acknowledged: a failed send fails the batch
             yield len(batch)
 
     return worker.app.agent(worker.topics.clicks_and_searches, name="ingest")(ingest)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, cast
 
 from faust import StreamT
 from faust.streams import Stream
@@ -12,6 +12,7 @@ from faust.types import AgentT, Message
 
 from schemas.events import Event
 from stream_app.core.fold import decode_bundle, fold_batch
+from stream_app.core.limits import split_rounds
 from stream_app.core.triage import Rejection
 from stream_app.ops import metrics
 
@@ -30,8 +31,6 @@ def register(worker: WorkerApp) -> AgentT:
     settings, profiles = worker.settings, worker.profiles
 
     async def update_profiles(stream: StreamT[bytes]) -> AsyncIterator[int]:
-        # Deltas of the previous batch not yet acknowledged by the broker.
-        unconfirmed_deltas: list[Awaitable[Any]] = []
         # take_events (events, not values) is on the concrete Stream; we need each message's value bytes.
         batches = cast(Stream[bytes], stream).take_events(settings.batch_max, within=settings.batch_within_s)
         async for batch in batches:
@@ -48,22 +47,26 @@ def register(worker: WorkerApp) -> AgentT:
                 origin.update((id(event), message) for event in bundle)
                 events.extend(bundle)
             metrics.BATCH_EVENTS.labels("profiles").observe(len(events))
-            folded = fold_batch(events, profiles.get, worker.params)
-            for failure in folded.failures:
-                for event in failure.events:
-                    await worker.output.dead_letter(event_message(origin[id(event)], event),
-                                                    Rejection("processing_error", failure.reason))
-            for user_id, value in folded.writes.items():
-                profiles[user_id] = value
-            metrics.DUPLICATES.inc(folded.duplicates)
-            # A delta leaves only once the table write of its version is stored: after a crash the restarted
-            # worker recovers that version and re-emits the delta when the uncommitted events come again,
-            # instead of counting them into a second, different delta with the same version. Waiting for the
-            # previous batch's deltas here too (they are long done by now) bounds the deltas a crash can lose
-            # to one batch, so they are always still in the profile's outbox.
-            await profiles.confirm_writes()
-            await asyncio.gather(*unconfirmed_deltas)
-            unconfirmed_deltas = [await worker.output.delta(delta, redelivery=again) for delta, again in folded.deltas]
+            # Rounds keep each delta within the record limit: a user with a big batch gets several versions.
+            for round_events in split_rounds(events, profiles.get, settings.max_record_bytes):
+                folded = fold_batch(round_events, profiles.get, worker.params)
+                for failure in folded.failures:
+                    for event in failure.events:
+                        await worker.output.dead_letter(event_message(origin[id(event)], event),
+                                                        Rejection("processing_error", failure.reason))
+                for user_id, value in folded.writes.items():
+                    profiles[user_id] = value
+                metrics.DUPLICATES.inc(folded.duplicates)
+                # A delta leaves only once the table write of its version is stored: after a crash the restarted
+                # worker recovers that version and re-emits the delta when the uncommitted events come again,
+                # instead of counting them into a second, different delta with the same version. The deltas are
+                # confirmed before the next round's writes and before the batch is acknowledged (so before its
+                # offsets can be committed): a crash can lose only the newest round's deltas, which the outbox
+                # always keeps, and a failed send crashes the agent instead of being lost.
+                await profiles.confirm_writes()
+                sent = [await worker.output.delta(delta, redelivery=again) for delta, again in folded.deltas]
+                await asyncio.gather(*sent)
+            await worker.output.confirm_sends()  # the dead letters this agent sent
             yield len(events)
 
     return worker.app.agent(worker.topics.events_by_user, name="update_profiles")(update_profiles)

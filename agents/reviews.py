@@ -77,6 +77,7 @@ def register(worker: WorkerApp) -> AgentT:
                 else:
                     enriched.append(enrich(review, result))
             await worker.output.events(enriched)
+            await worker.output.confirm_sends()  # before the batch is acknowledged: a failed send fails the batch
             yield len(batch)
 
     return worker.app.agent(worker.topics.reviews, name="encode_reviews")(encode_reviews)

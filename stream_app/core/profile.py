@@ -18,6 +18,7 @@ from typing import Any, Final
 from schemas.events import EVENT_TYPES, Event
 from stream_app.core.decay import age_factor, check_read_time, forward_weight, needs_rescale, rescale_factor
 from stream_app.core.keywords import query_terms
+from stream_app.core.limits import RECORD_OVERHEAD_BYTES, json_size
 
 Delta = dict[str, Any]
 MEAN_FIELDS: Final = ("rating", "sentiment")
@@ -38,6 +39,7 @@ class ProfileParams:
     top_k: int = 50
     dedup_window: int = 512
     redelivery_window: int = 8
+    max_record_bytes: int = 1_000_000
 
     @classmethod
     def from_settings(cls, settings: Any) -> ProfileParams:
@@ -47,6 +49,7 @@ class ProfileParams:
             top_k=settings.top_k,
             dedup_window=settings.dedup_window,
             redelivery_window=settings.redelivery_window,
+            max_record_bytes=settings.max_record_bytes,
         )
 
 
@@ -233,6 +236,7 @@ def apply(profile: ProfileState, events: Sequence[Event], params: ProfileParams)
     _trim_oldest(profile.seen, params.dedup_window)
     profile.outbox.append(delta)
     del profile.outbox[: max(0, len(profile.outbox) - params.redelivery_window)]
+    bound_record(profile, params.max_record_bytes)
     return ApplyResult(delta, redeliveries)
 
 
@@ -305,6 +309,38 @@ def _prune(values: dict[str, float], top_k: int) -> list[str]:
     for key in dropped:
         del values[key]
     return dropped
+
+
+class ProfileTooLarge(ValueError):
+    pass
+
+
+def bound_record(profile: ProfileState, max_record_bytes: int) -> None:
+    """Keep the table value (key + JSON state) within one Kafka record of `max_record_bytes`.
+
+    The oldest outbox deltas go first, never the newest: the agent confirms a round's deltas before it
+    writes the next round, so only the newest delta can be lost by a crash and need re-emission. Then the
+    oldest de-duplication ids go, never those of the newest version (a redelivered event must find the
+    version that counted it). A profile that still does not fit (only possible with a limit far below the
+    default and keys near the contract's length limits) raises instead of writing a record Kafka refuses.
+    """
+    budget = max_record_bytes - RECORD_OVERHEAD_BYTES - len(profile.user_id.encode())
+    size = json_size(profile.to_dict())
+    while size > budget and len(profile.outbox) > 1:
+        size -= json_size(profile.outbox.pop(0)) + 1
+    if size > budget:
+        for event_id, version in list(profile.seen.items()):
+            if size <= budget:
+                break
+            if version != profile.version:
+                del profile.seen[event_id]
+                size -= json_size(event_id) + len(str(version)) + 2
+    if size > budget:
+        raise ProfileTooLarge(
+            f"profile {profile.user_id[:64]!r} needs {size} bytes, over PROFILE_MAX_RECORD_BYTES="
+            f"{max_record_bytes} even with its outbox and de-duplication ids trimmed; raise the limit or lower "
+            "PROFILE_TOP_K"
+        )
 
 
 def _trim_oldest(seen: dict[str, int], limit: int) -> None:

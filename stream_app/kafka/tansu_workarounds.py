@@ -1,8 +1,10 @@
 """Every work-around for the embedded Tansu broker, and nothing else.
 
-Active only when `PROFILE_EMBEDDED_BROKER=true` (set by the code that starts the embedded broker).
-Against a real Kafka cluster none of this is imported into the running path. Each item names the
-Tansu behaviour it answers and has a test in tests/integration/test_tansu_workarounds.py that fails
+Active when `PROFILE_EMBEDDED_BROKER=true` (set by the code that starts the embedded broker), or when
+`stream-app worker` finds at start that the broker is Tansu (`detect`: its Metadata answer carries the cluster
+id `tansu_cluster`; Apache Kafka's is a base64 UUID), so a worker started by hand next to `stream-app broker`
+cannot run without them. Against a real Kafka cluster none of this is imported into the running path.
+Each item names the Tansu behaviour it answers and has a test in tests/integration/test_tansu_workarounds.py that fails
 without it.
 
 1. JoinGroup is held for about session_timeout / 2, and a first-generation member that stops is only
@@ -23,6 +25,7 @@ without it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
@@ -33,11 +36,48 @@ SESSION_TIMEOUT_S: Final = 6.0
 HEARTBEAT_INTERVAL_S: Final = 1.0
 FETCH_MAX_WAIT_MS: Final = 100
 
+TANSU_CLUSTER_ID_PREFIX: Final = "tansu"
+
 _installed = False
+logger = logging.getLogger(__name__)
 
 
 class EmbeddedBrokerUnsupported(ValueError):
     pass
+
+
+async def cluster_id(settings: Settings) -> str | None:
+    """The cluster id the broker reports in its Metadata answer (None if it reports none)."""
+    import aiokafka
+    from aiokafka.protocol.metadata import MetadataRequest
+
+    from stream_app.kafka.clients import client_kwargs
+
+    client = aiokafka.AIOKafkaClient(**client_kwargs(settings))
+    await client.bootstrap()
+    try:
+        node_id = next(iter(client.cluster.brokers())).nodeId
+        response = await client.send(node_id, MetadataRequest([]))
+        found = getattr(response, "cluster_id", None)
+        return None if found is None else str(found)
+    finally:
+        await client.close()
+
+
+def is_tansu(found_cluster_id: str | None) -> bool:
+    return found_cluster_id is not None and found_cluster_id.lower().startswith(TANSU_CLUSTER_ID_PREFIX)
+
+
+async def detect(settings: Settings) -> Settings:
+    """`settings` with `embedded_broker` on if the broker says it is Tansu (an explicit true stays true)."""
+    if settings.embedded_broker or not settings.embedded_broker_detect:
+        return settings
+    found = await cluster_id(settings)
+    if not is_tansu(found):
+        return settings
+    logger.warning("the broker reports cluster id %r: it is the embedded Tansu broker, so the worker turns on "
+                   "its work-arounds (PROFILE_EMBEDDED_BROKER=true)", found)
+    return settings.model_copy(update={"embedded_broker": True})
 
 
 def app_overrides(settings: Settings) -> dict[str, Any]:

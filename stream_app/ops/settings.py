@@ -24,6 +24,10 @@ class Settings(BaseSettings):
         False,
         description="True when the broker is the embedded Tansu binary; turns on stream_app.kafka.tansu_workarounds",
     )
+    embedded_broker_detect: bool = Field(
+        True, description="`stream-app worker` asks the broker at start whether it is Tansu and then turns on "
+                          "embedded_broker itself; false: only the explicit setting counts",
+    )
     app_id: str = "user-profiles"
     processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
@@ -57,6 +61,11 @@ class Settings(BaseSettings):
     # -- Input limits ----------------------------------------------------------------------------------
     max_event_bytes: int = Field(64 * 1024, ge=256)
     max_text_chars: int = Field(10_000, ge=1)
+    max_record_bytes: int = Field(
+        1_000_000, ge=64 * 1024,
+        description="largest Kafka record the worker writes (key, value, headers, framing): bundles and deltas are "
+                    "split, table values and dead letters bounded to fit (docs/hostile-input.md)",
+    )
 
     # -- Processing ------------------------------------------------------------------------------------
     batch_max: int = Field(5000, ge=1, description="events per micro-batch of the ingest and profile agents")

@@ -48,11 +48,14 @@ def faust_config(settings: Settings) -> dict[str, Any]:
         "producer_acks": -1,
         # Fewer, larger produce requests: the broker shares the machine, and per-request cost dominates.
         "producer_linger_ms": 10,
-        "producer_max_batch_size": 1024 * 1024,
-        "producer_max_request_size": 4 * 1024 * 1024,
+        # No batch and no record over the record limit (stock Kafka: message.max.bytes = 1,048,588): aiokafka
+        # refuses a record over max_request_size when it is sent, so a record we failed to bound fails its
+        # batch here instead of being rejected by a real broker after the embedded one accepted it in tests.
+        "producer_max_batch_size": min(1024 * 1024, settings.max_record_bytes),
+        "producer_max_request_size": settings.max_record_bytes,
         "broker_max_poll_records": 5000,
         "stream_buffer_maxsize": 4 * settings.batch_max,
-        "consumer_max_fetch_size": 4 * 1024 * 1024,
+        "consumer_max_fetch_size": max(4 * 1024 * 1024, 2 * settings.max_record_bytes),
         "broker_credentials": _credentials(settings),
         # Faust's own views off; the bearer-token check when PROFILE_WEB_TOKEN is set (worker/web.py).
         **web.faust_web_config(settings.web_token.get_secret_value() if settings.web_token is not None else None),

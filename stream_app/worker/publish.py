@@ -6,14 +6,21 @@ sends keep the at-least-once guarantee.
 
 Validated events travel to `events_by_user` in bundles: one message per target partition per micro-batch,
 a JSON array of events. The target partition is the one aiokafka's default partitioner picks for the user id,
-which is also where the profile table's changelog (`use_partitioner=True`) puts that user's state.
+which is also where the profile table's changelog (`use_partitioner=True`) puts that user's state. A bundle
+that would exceed `PROFILE_MAX_RECORD_BYTES` goes as several messages.
+
+Every send is checked: the producer's result futures of an agent's sends are collected per task, and the
+agent awaits them (`confirm_sends`) before it takes its next batch, which is when Faust acknowledges the
+input events. A failed send raises there, so the agent crashes before the offsets are committed and the
+input is delivered again; nothing is lost silently.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Iterator, Sequence
 from typing import Any
 
 import faust
@@ -21,7 +28,7 @@ import orjson
 from faust.types import Message
 
 from schemas.events import Event
-from stream_app.core.fold import encode_bundle
+from stream_app.core.limits import RECORD_OVERHEAD_BYTES
 from stream_app.core.profile import Delta
 from stream_app.core.pseudonym import pseudonymiser
 from stream_app.core.triage import Rejection
@@ -36,6 +43,40 @@ def bundle_by_partition(events: Iterable[Event], partitions: int) -> dict[int, l
     for event in events:
         bundles.setdefault(partition_for_user(event.user_id, partitions), []).append(event)
     return bundles
+
+
+def pack_bundles(events: Iterable[Event], max_value_bytes: int) -> Iterator[bytes]:
+    """JSON arrays of the events, in order, each within `max_value_bytes` (an event is never split)."""
+    parts: list[bytes] = []
+    size = 2
+    for event in events:
+        doc = event.to_json()
+        if parts and size + len(doc) + 1 > max_value_bytes:
+            yield b"[" + b",".join(parts) + b"]"
+            parts, size = [], 2
+        parts.append(doc)
+        size += len(doc) + 1
+    if parts:
+        yield b"[" + b",".join(parts) + b"]"
+
+
+def bounded_dead_letter(
+    key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]], max_record_bytes: int
+) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+    """The dead letter as sent: the original bytes if they fit one record, else a prefix of the value (and
+    of the key if it alone is too long), with the original sizes in `dlq.original_size` (value) and
+    `dlq.original_key_size` (key)."""
+    budget = max_record_bytes - RECORD_OVERHEAD_BYTES - sum(len(k) + len(v) + 8 for k, v in headers)
+    key_len, value_len = len(key or b""), len(value or b"")
+    if key_len + value_len <= budget:
+        return key, value, headers
+    headers = [*headers, ("dlq.original_size", str(value_len).encode())]
+    budget -= 64
+    if key is not None and key_len > budget // 2:
+        headers.append(("dlq.original_key_size", str(key_len).encode()))
+        budget -= 64
+        key = key[: budget // 2]
+    return key, (value or b"")[: max(0, budget - len(key or b""))], headers
 
 
 def dead_letter_headers(rejection: Rejection, message: Message) -> list[tuple[str, bytes]]:
@@ -58,14 +99,30 @@ class Output:
         self.events_topic = topics.events_by_user.get_topic_name()
         self.deltas_topic = topics.profile_deltas.get_topic_name()
         self.dead_letters_topic = topics.dead_letters.get_topic_name()
+        self.max_record_bytes = settings.max_record_bytes
+        # Unconfirmed sends per agent task (each agent runs in its own task), awaited by `confirm_sends`.
+        self._pending: dict[asyncio.Task[Any] | None, list[Awaitable[Any]]] = {}
         # Tables and the outbox keep real ids (partitioning, dedup); only what leaves the worker is pseudonymised.
         self.outgoing_user_id = pseudonymiser(settings.pseudonym_key)
 
     async def events(self, events: Sequence[Event]) -> None:
         for event_type, count in Counter(event.type for event in events).items():
             metrics.EVENTS.labels(event_type).inc(count)  # once per type and batch: this path runs per event
+        max_value = self.max_record_bytes - RECORD_OVERHEAD_BYTES
         for partition, bundle in bundle_by_partition(events, self.partitions).items():
-            await self.app.producer.send(self.events_topic, None, encode_bundle(bundle), partition, None, None)
+            for value in pack_bundles(bundle, max_value):
+                self._track(await self.app.producer.send(self.events_topic, None, value, partition, None, None))
+
+    def _track(self, sent: Awaitable[Any]) -> Awaitable[Any]:
+        self._pending.setdefault(asyncio.current_task(), []).append(sent)
+        return sent
+
+    async def confirm_sends(self) -> None:
+        """Wait until the broker has stored every event bundle and dead letter this task sent; raise if one
+        failed (the agent then crashes before its input offsets are committed)."""
+        pending = self._pending.pop(asyncio.current_task(), [])
+        if pending:
+            await asyncio.gather(*pending)
 
     async def delta(self, delta: Delta, *, redelivery: bool = False) -> Awaitable[Any]:
         """Hand a delta to the producer; the result completes when the broker has stored it."""
@@ -78,8 +135,10 @@ class Output:
             delta = {**delta, "user_id": user_id}
         return await self.app.producer.send(self.deltas_topic, user_id.encode(), orjson.dumps(delta), None, None, None)
 
-    async def dead_letter(self, message: Message, rejection: Rejection) -> None:
-        """The original bytes, untouched, with where they came from and why they were refused."""
+    async def dead_letter(self, message: Message, rejection: Rejection) -> Awaitable[Any]:
+        """The original bytes, untouched unless they exceed one record (`bounded_dead_letter`), with where they
+        came from and why they were refused. Checked by the sending task's `confirm_sends`."""
         metrics.DEAD_LETTERS.labels(rejection.kind).inc()
-        await self.app.producer.send(self.dead_letters_topic, message.key, message.value, None, None,
-                                     dead_letter_headers(rejection, message))
+        key, value, headers = bounded_dead_letter(message.key, message.value, dead_letter_headers(rejection, message),
+                                                  self.max_record_bytes)
+        return self._track(await self.app.producer.send(self.dead_letters_topic, key, value, None, None, headers))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 
+from stream_app.kafka import tansu_workarounds
 from stream_app.kafka.clients import ensure_topics
 from stream_app.ops.logging_setup import configure_logging, logging_config, quiet_third_party_output, start_json_stdio
 from stream_app.ops.settings import get_settings
@@ -23,6 +24,8 @@ def run_worker() -> None:
         check_configuration(settings)
     except EncoderConfigurationError as exc:
         raise SystemExit(f"stream-app worker: {exc}") from exc
+    # A worker started by hand next to `stream-app broker` needs the Tansu work-arounds even if nobody said so.
+    settings = asyncio.run(tansu_workarounds.detect(settings))
     asyncio.run(ensure_topics(settings))
 
     from faust.worker import Worker

@@ -216,3 +216,77 @@ async def test_a_text_the_encoder_fails_on_is_dead_lettered_and_the_rest_of_its_
             for call in sent["dlq"].await_args_list]
     assert dead == [("r1", "encoder_error", "encoder failed on this text: ValueError")]
     assert [e.event_id for e in forwarded(sent)] == ["r0", "r2"]
+
+
+class SendRejected(Exception):
+    """What the broker answers for a record it refuses (e.g. over message.max.bytes)."""
+
+
+@pytest.mark.parametrize("agent_name, message", [
+    ("ingest", orjson.dumps({"event_id": "e1", "user_id": "u1", "ts": 1, "type": "click", "item_id": "i"})),
+    ("ingest", b"{broken"),  # a dead letter
+    ("encode_reviews", review(0)),
+])
+async def test_a_failed_send_fails_the_batch_instead_of_being_lost(agent_name: str, message: bytes) -> None:
+    # The producer accepts the record and later reports it refused: the batch must not count as done (it is
+    # acknowledged, and its offsets become committable, only after the agent yields for it).
+    worker = make_worker()
+    errors: list[BaseException] = []
+    done: list[int] = []
+
+    async def on_error(_agent: Any, exc: BaseException) -> None:
+        errors.append(exc)
+
+    async def send(*_args: Any, **_kwargs: Any) -> asyncio.Future[None]:
+        refused = asyncio.get_running_loop().create_future()
+        refused.set_exception(SendRejected("MessageSizeTooLarge"))
+        return refused
+
+    async def count(value: int) -> None:
+        done.append(value)
+
+    agent = worker.agents[agent_name]
+    agent.add_sink(count)
+    with patch.object(worker.app.producer, "send", side_effect=send) as producer_send:
+        async with agent.test_context(on_error=on_error) as running:
+            await running.put(message, key=b"u1", wait=False)
+            await until(lambda: errors)
+    worker.encoder.stop()
+    assert producer_send.await_count >= 1
+    assert [type(exc) for exc in errors] == [SendRejected]
+    assert done == []
+
+
+@pytest.mark.parametrize("refused", ["table write", "delta"])
+async def test_a_failed_table_write_or_delta_fails_the_profile_batch(refused: str) -> None:
+    worker = make_worker()
+    errors: list[BaseException] = []
+    done: list[int] = []
+
+    async def on_error(_agent: Any, exc: BaseException) -> None:
+        errors.append(exc)
+
+    async def count(value: int) -> None:
+        done.append(value)
+
+    def result(failed: bool) -> asyncio.Future[None]:
+        future = PendingWrite()  # a Future with the `message` Faust's table reads
+        if failed:
+            future.set_exception(SendRejected(refused))
+        else:
+            future.set_result(None)
+        return future
+
+    async def send(*_args: Any, **_kwargs: Any) -> asyncio.Future[None]:
+        return result(refused == "delta")
+
+    agent = worker.agents["update_profiles"]
+    agent.add_sink(count)
+    with patch.object(worker.app.producer, "send", side_effect=send), \
+         patch.object(faust.Table, "send_changelog", side_effect=lambda *a, **k: result(refused == "table write")):
+        async with agent.test_context(on_error=on_error) as running:
+            await running.put(encode_bundle([Event("e1", "u1", 0.0, "click", item_id="i")]), wait=False)
+            await until(lambda: errors)
+    worker.encoder.stop()
+    assert [str(exc) for exc in errors] == [refused]
+    assert done == []

@@ -194,3 +194,29 @@ def test_survivor_takes_over_the_partitions_of_a_killed_worker(stack: Stack) -> 
     finally:
         tail.close()
     assert_matches_clean_run(stack, events)
+
+
+def test_a_worker_not_told_about_the_embedded_broker_detects_it_and_survives_sigkill(stack: Stack) -> None:
+    # Started as a new user would next to `stream-app broker`: without PROFILE_EMBEDDED_BROKER. Without the
+    # work-arounds a restarted worker waited minutes for its group and recovered its table short of the end.
+    rng = random.Random(SEED + 2)
+    events = click_search_events(customers=300)
+    pending = list(chunks(events, 5))
+    tail = DeltaTail(stack)
+    try:
+        worker = stack.start_worker(PROFILE_EMBEDDED_BROKER="false")
+        for _kill in range(2):
+            stack.produce(pending.pop(0))
+            tail.wait_for_new(timeout_s=60, process=worker)
+            time.sleep(kill_delay(rng))
+            stack.stop_worker(worker, signal.SIGKILL)
+            stack.produce(pending.pop(0))
+            worker = stack.start_worker(PROFILE_EMBEDDED_BROKER="false")
+        while pending:
+            stack.produce(pending.pop(0))
+        stack.wait_for_events({e["event_id"] for e in events}, timeout_s=120)
+        stack.stop_worker(worker)  # SIGTERM: its log is complete (a SIGKILLed one may lose buffered lines)
+    finally:
+        tail.close()
+    assert "it is the embedded Tansu broker" in (stack.workdir / "worker-2.log").read_text(errors="replace")
+    assert_matches_clean_run(stack, events)

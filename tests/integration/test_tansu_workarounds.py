@@ -94,3 +94,13 @@ def test_exactly_once_is_refused_on_the_embedded_broker_with_a_reason(broker: Em
     with pytest.raises(tansu_workarounds.EmbeddedBrokerUnsupported, match="InitProducerId"):
         faust_config(embedded(broker, processing_guarantee="exactly_once"))
     assert faust_config(Settings(processing_guarantee="exactly_once"))["processing_guarantee"] == "exactly_once"
+
+
+async def test_the_embedded_broker_is_detected_from_its_metadata_answer(broker: EmbeddedBroker) -> None:
+    told_nothing = Settings(broker_url=broker.url)
+    assert await tansu_workarounds.cluster_id(told_nothing) == "tansu_cluster"
+    assert (await tansu_workarounds.detect(told_nothing)).embedded_broker is True
+    opted_out = Settings(broker_url=broker.url, embedded_broker_detect=False)
+    assert (await tansu_workarounds.detect(opted_out)).embedded_broker is False
+    # Apache Kafka reports a base64 UUID (KRaft) as its cluster id.
+    assert not tansu_workarounds.is_tansu("MkU3OEVBNTcwNTJENDM2Qk") and not tansu_workarounds.is_tansu(None)

@@ -1,0 +1,117 @@
+"""Every record the engine writes fits `PROFILE_MAX_RECORD_BYTES`: deltas, table values, bundles, dead letters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+from schemas.events import Event, event_from_trusted_doc
+from stream_app.core.fold import fold_batch
+from stream_app.core.limits import delta_budget, json_size, split_rounds
+from stream_app.core.profile import ProfileParams, ProfileState, ProfileTooLarge, apply, bound_record
+from stream_app.core.replica import ProfileReplicas
+from stream_app.worker.publish import bounded_dead_letter, pack_bundles
+from tests.oracle import assert_close_maps
+
+LIMIT = 64 * 1024
+WEIGHTS = {"click": 1.0, "search": 2.0, "review": 3.0}
+
+
+def bot_user_events(user: str = "bot") -> list[Event]:
+    """2,000 clicks of distinct categories and 300 searches of 40 distinct terms each."""
+    events = [Event(f"{user}-c{i:05d}-{'x' * 30}", user, 1.7e9 + i, "click", category=f"category-{i:05d}",
+                    item_id="i") for i in range(2000)]
+    events += [Event(f"{user}-s{i:05d}-{'x' * 30}", user, 1.7e9 + 2000 + i, "search",
+                     query=" ".join(f"term{i:03d}w{j:02d}" for j in range(40))) for i in range(300)]
+    return events
+
+
+def fold_in_rounds(events: list[Event], params: ProfileParams,
+                   table: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    deltas: list[dict[str, Any]] = []
+    for round_events in split_rounds(events, table.get, params.max_record_bytes):
+        folded = fold_batch(round_events, table.get, params)
+        table.update(folded.writes)
+        deltas.extend(delta for delta, _ in folded.deltas)
+    return deltas
+
+
+def test_a_big_batch_of_one_user_becomes_consecutive_deltas_within_the_budget_and_exact_for_replicas() -> None:
+    params = ProfileParams(half_life_s=7 * 86400.0, weights=WEIGHTS, top_k=50, max_record_bytes=LIMIT)
+    events = bot_user_events() + [Event("other-1", "other", 1.7e9, "click", category="shoes", item_id="i")]
+    table: dict[str, dict[str, Any]] = {}
+    deltas = fold_in_rounds(events, params, table)
+
+    unlimited_params = ProfileParams(half_life_s=7 * 86400.0, weights=WEIGHTS, top_k=50, max_record_bytes=10**9)
+    whole = json_size(apply(ProfileState("bot"), bot_user_events(), unlimited_params).delta)
+    assert whole > 4 * LIMIT  # one delta for the batch would be far over the limit
+    bot_deltas = [d for d in deltas if d["user_id"] == "bot"]
+    assert [d["version"] for d in bot_deltas] == list(range(1, len(bot_deltas) + 1))
+    assert len(bot_deltas) > 10
+    assert max(json_size(d) for d in deltas) <= delta_budget(LIMIT)
+    for user_id, value in table.items():
+        assert len(user_id.encode()) + json_size(value) <= LIMIT - 128
+
+    replicas = ProfileReplicas().apply_all(deltas)
+    assert replicas.gaps == []
+    for user_id, value in table.items():
+        assert replicas.profiles[user_id].view() == ProfileState.from_dict(value).view()
+
+    # The same profile as folding the whole batch at once (no limit), up to float rounding.
+    unlimited = ProfileState("bot")
+    apply(unlimited, bot_user_events(), unlimited_params)
+    split_view, whole_view = ProfileState.from_dict(table["bot"]).view(), unlimited.view()
+    for name in ("activity", "interests", "keywords"):
+        assert_close_maps(split_view[name], whole_view[name])
+
+
+def test_a_redelivered_batch_re_emits_the_newest_delta_from_the_trimmed_outbox() -> None:
+    params = ProfileParams(half_life_s=7 * 86400.0, weights=WEIGHTS, top_k=50, max_record_bytes=LIMIT)
+    table: dict[str, dict[str, Any]] = {}
+    events = bot_user_events()
+    deltas = fold_in_rounds(events, params, table)
+    state = ProfileState.from_dict(table["bot"])
+    assert 1 <= len(state.outbox) < params.redelivery_window  # trimmed by bytes, newest kept
+    assert state.outbox[-1] == deltas[-1]
+    # A crash lost the newest delta; the events come again: it is re-emitted, nothing is counted twice.
+    again = fold_in_rounds(events[-1:], params, table)
+    assert again == [deltas[-1]]
+    assert ProfileState.from_dict(table["bot"]).version == deltas[-1]["version"]
+
+
+def test_a_profile_that_cannot_fit_raises_instead_of_writing_an_oversized_record() -> None:
+    state = ProfileState("u", keywords={f"{'k' * 1000}{i}": 1.0 for i in range(100)})
+    with pytest.raises(ProfileTooLarge, match="PROFILE_MAX_RECORD_BYTES=65536"):
+        bound_record(state, LIMIT)
+
+
+def record_size(key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]) -> int:
+    return int(DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers))
+
+
+def test_bundles_are_packed_under_the_limit_in_order() -> None:
+    events = [Event(f"r{i}", "u1", float(i), "review", item_id="i", rating=5, sentiment=0.5,
+                    embedding=(0.123456789,) * 384) for i in range(300)]
+    values = list(pack_bundles(events, LIMIT - 128))
+    assert len(values) > 1
+    assert all(record_size(None, value, []) <= LIMIT for value in values)
+    assert [event_from_trusted_doc(doc) for value in values for doc in orjson.loads(value)] == events
+
+
+def test_a_dead_letter_over_the_limit_keeps_a_prefix_and_its_original_size() -> None:
+    headers = [("dlq.kind", b"too_large"), ("dlq.reason", b"message is 3000000 bytes")]
+    small_key, small_value, small_headers = bounded_dead_letter(b"u1", b"{broken", headers, LIMIT)
+    assert (small_key, small_value, small_headers) == (b"u1", b"{broken", headers)
+
+    value = bytes(range(256)) * 12_000
+    key, cut, sent_headers = bounded_dead_letter(b"u1", value, headers, LIMIT)
+    assert key == b"u1" and value.startswith(cut) and len(cut) > LIMIT // 2
+    assert dict(sent_headers)["dlq.original_size"] == str(len(value)).encode()
+    assert record_size(key, cut, sent_headers) <= LIMIT
+
+    key, cut, sent_headers = bounded_dead_letter(b"k" * 2 * LIMIT, value, headers, LIMIT)
+    assert dict(sent_headers)["dlq.original_key_size"] == str(2 * LIMIT).encode()
+    assert record_size(key, cut, sent_headers) <= LIMIT
