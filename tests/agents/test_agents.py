@@ -227,7 +227,8 @@ class SendRejected(Exception):
     ("ingest", b"{broken"),  # a dead letter
     ("encode_reviews", review(0)),
 ])
-async def test_a_failed_send_fails_the_batch_instead_of_being_lost(agent_name: str, message: bytes) -> None:
+async def test_a_failed_send_fails_the_batch_instead_of_being_lost(agent_name: str, message: bytes,
+                                                                   exits: list[int]) -> None:
     # The producer accepts the record and later reports it refused: the batch must not count as done (it is
     # acknowledged, and its offsets become committable, only after the agent yields for it).
     worker = make_worker()
@@ -255,10 +256,11 @@ async def test_a_failed_send_fails_the_batch_instead_of_being_lost(agent_name: s
     assert producer_send.await_count >= 1
     assert [type(exc) for exc in errors] == [SendRejected]
     assert done == []
+    assert exits == [70]  # the worker would end, and its input since the last commit come again
 
 
 @pytest.mark.parametrize("refused", ["table write", "delta"])
-async def test_a_failed_table_write_or_delta_fails_the_profile_batch(refused: str) -> None:
+async def test_a_failed_table_write_or_delta_fails_the_profile_batch(refused: str, exits: list[int]) -> None:
     worker = make_worker()
     errors: list[BaseException] = []
     done: list[int] = []
@@ -290,3 +292,4 @@ async def test_a_failed_table_write_or_delta_fails_the_profile_batch(refused: st
     worker.encoder.stop()
     assert [str(exc) for exc in errors] == [refused]
     assert done == []
+    assert exits == [70]

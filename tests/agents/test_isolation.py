@@ -26,13 +26,6 @@ from tests.agents.test_agents import forwarded, make_worker, record_outputs, unt
 
 
 @pytest.fixture
-def exits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    codes: list[int] = []
-    monkeypatch.setattr(health, "exit_process", codes.append)
-    return codes
-
-
-@pytest.fixture
 def worker() -> Iterator[WorkerApp]:
     built = make_worker()
     yield built
