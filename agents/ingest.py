@@ -23,7 +23,7 @@ def register(worker: WorkerApp) -> AgentT:
         batches = cast(Stream[bytes], stream).take_events(settings.batch_max, within=settings.batch_within_s)
         async for batch in batches:
             metrics.BATCH_EVENTS.labels("ingest").observe(len(batch))
-            valid = [event for event, _ in await admit(settings, worker.output, batch)]
+            valid = [event for event, _ in await admit(settings, worker.output, batch, worker.refused_live)]
             await worker.output.events(valid)
             await worker.output.confirm_sends()  # before the batch is acknowledged: a failed send fails the batch
             yield len(batch)

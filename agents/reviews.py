@@ -65,7 +65,7 @@ def register(worker: WorkerApp) -> AgentT:
                                                            within=settings.review_batch_within_s)
         async for batch in batches:
             metrics.BATCH_EVENTS.labels("reviews").observe(len(batch))
-            valid = await admit(settings, worker.output, batch)
+            valid = await admit(settings, worker.output, batch, worker.refused_live)
             results = await encode_or_isolate(await encoder.pipeline(), [e for e, _ in valid]) if valid else []
             enriched: list[Event] = []
             for (review, message), result in zip(valid, results, strict=True):

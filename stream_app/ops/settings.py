@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     max_future_s: float = Field(
         86400.0, gt=0, description="events stamped more than this past the wall clock at ingest are dead-lettered "
         "as future_timestamp (docs/hostile-input.md: bad clocks)")
+    replay_refusals: str | None = Field(
+        None, description="set by `stream-app replay`: a JSON file of the input records (topic, partition, "
+        "offset) the live run refused as future_timestamp, refused again so that replay == live")
 
     # -- Input limits ----------------------------------------------------------------------------------
     max_event_bytes: int = Field(64 * 1024, ge=256)

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 from aiokafka.structs import TopicPartition
 from pydantic import SecretStr
 from tqdm import tqdm
 
 from stream_app.kafka.clients import ensure_topics
-from stream_app.kafka.reading import committed_offsets, end_offsets, seed_group_offsets
+from stream_app.kafka.reading import committed_offsets, end_offsets, read_topic, seed_group_offsets
 from stream_app.ops.settings import Settings
 from stream_app.tools.producer import produce_file
 from stream_app.worker.process import WorkerProcess
@@ -106,6 +107,16 @@ async def _wait_until_committed(
         await asyncio.sleep(0.5)
 
 
+async def live_future_refusals(live: Settings) -> set[tuple[str, int, int]]:
+    """(topic, partition, offset) of every input record the live run dead-lettered as future_timestamp."""
+    refused = set()
+    for record in await read_topic(live, live.topic_dead_letters):
+        headers = {name: value.decode() for name, value in record.headers or ()}
+        if headers.get("dlq.kind") == "future_timestamp" and headers.get("dlq.topic") in live.input_topics.values():
+            refused.add((headers["dlq.topic"], int(headers["dlq.partition"]), int(headers["dlq.offset"])))
+    return refused
+
+
 def run_replay(plan: ReplayPlan, *, progress: bool = True, timeout_s: float = 3600.0) -> dict[str, Any]:
     replay = plan.replay_settings
     asyncio.run(ensure_topics(replay))
@@ -116,8 +127,14 @@ def run_replay(plan: ReplayPlan, *, progress: bool = True, timeout_s: float = 36
         asyncio.run(seed_group_offsets(replay, replay.app_id, plan.input_topics, plan.since))
     targets = {tp: end for tp, end in asyncio.run(end_offsets(replay, plan.input_topics)).items() if end > 0}
     workdir = Path(tempfile.mkdtemp(prefix=f"replay-{plan.name}-"))
+    env = plan.worker_env(workdir / "faust")
+    if not plan.files:
+        # Replaying the live topics: what live refused as future_timestamp is refused again (admission.py).
+        refusals = asyncio.run(live_future_refusals(plan.source_settings))
+        (workdir / "refusals.json").write_bytes(orjson.dumps(sorted(refusals)))
+        env["PROFILE_REPLAY_REFUSALS"] = str(workdir / "refusals.json")
     bar = tqdm(total=sum(targets.values()), unit="msg", desc=f"replay {plan.name}", disable=not progress)
-    with WorkerProcess(plan.worker_env(workdir / "faust"), workdir / "worker.log") as worker:
+    with WorkerProcess(env, workdir / "worker.log") as worker:
         asyncio.run(_wait_until_committed(replay, replay.app_id, targets, worker, timeout_s, bar))
         # Then the internal hop: everything the inputs produced must be folded into the table.
         by_user = replay.topic_events_by_user

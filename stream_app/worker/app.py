@@ -20,6 +20,7 @@ from stream_app.kafka import codecs, tansu_workarounds
 from stream_app.kafka.clients import sasl_login, ssl_context
 from stream_app.ops.settings import Settings
 from stream_app.worker import health, web
+from stream_app.worker.admission import load_replay_refusals
 from stream_app.worker.publish import Output
 from stream_app.worker.tables import ProfileTable, profile_table
 from stream_app.worker.topics import Topics, declare_topics
@@ -94,6 +95,8 @@ class WorkerApp:
     encoder: EncoderService
     readiness: dict[str, Callable[[], bool]] = field(default_factory=dict)
     agents: dict[str, AgentT] = field(default_factory=dict)
+    # Replays only: the input records the live run refused as future_timestamp (worker/admission.py).
+    refused_live: frozenset[tuple[str, int, int]] = frozenset()
 
 
 def build_worker(settings: Settings, *, encoder: TextEncoder | None = None) -> WorkerApp:
@@ -105,7 +108,8 @@ def build_worker(settings: Settings, *, encoder: TextEncoder | None = None) -> W
     profiles = profile_table(app, settings)
     output = Output(app, settings, topics)
     worker = WorkerApp(settings, app, topics, profiles, output, ProfileParams.from_settings(settings),
-                       EncoderService(settings, encoder))
+                       EncoderService(settings, encoder),
+                       refused_live=load_replay_refusals(settings.replay_refusals))
     for register in ROSTER:
         agent = register(worker)
         worker.agents[agent.name] = agent

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +84,31 @@ def test_live_equals_replay_equals_shuffled_repartitioned_replay(stack: Stack, t
     reshuffled = stack.snapshot_cli("--topic", f"{stack.settings.topic_deltas}-replay-shuffled")
     assert_same_profiles(reshuffled, live)
     print(f"largest sentiment deviation replay vs live: {max(deviations):.2e}")
+
+
+def test_a_replay_refuses_again_what_live_refused_as_a_future_timestamp(make_stack: Any) -> None:
+    # The live run allows 600 s of clock skew; the replay runs with a day, standing in for a replay run later,
+    # when the refused event's time has come. Without the live run's refusals it would count that event.
+    stack = make_stack(PROFILE_MAX_FUTURE_S="600")
+    now = time.time()
+    events = [
+        {"event_id": "past-1", "user_id": "u1", "ts": now - 100, "type": "click", "item_id": "i", "category": "a"},
+        {"event_id": "ahead", "user_id": "u1", "ts": now + 3600, "type": "click", "item_id": "i", "category": "b"},
+        {"event_id": "past-2", "user_id": "u2", "ts": now - 50, "type": "click", "item_id": "i", "category": "a"},
+    ]
+    stack.produce(events)
+    stack.start_worker()
+    stack.wait_for_events({"past-1", "past-2"})
+    live = stack.snapshot_cli()
+    [refused] = stack.records(stack.settings.topic_dead_letters)
+    assert dict(refused.headers)["dlq.kind"] == b"future_timestamp"
+
+    stack.cli("replay", "--name", "later", "--quiet", env={**stack.env, "PROFILE_MAX_FUTURE_S": "86400"})
+    replayed = stack.snapshot_cli("--topic", f"{stack.settings.topic_deltas}-replay-later")
+    assert replayed == live
+    counted = {eid for d in stack.deltas(f"{stack.settings.topic_deltas}-replay-later") for eid in d["event_ids"]}
+    assert counted == {"past-1", "past-2"}
+    [again] = stack.records(f"{stack.settings.topic_dead_letters}-replay-later")
+    headers = {name: value.decode() for name, value in again.headers}
+    assert headers["dlq.kind"] == "future_timestamp" and "live run" in headers["dlq.reason"]
+    assert again.value == refused.value
