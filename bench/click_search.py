@@ -1,11 +1,14 @@
-"""Click/search path: end-to-end events/s of one worker on a pre-loaded backlog of real-derived events."""
+"""Click/search path: events/s of one worker on a pre-loaded backlog of real-derived events, and of the
+hand-written reference loop (bench/reference_loop.py) on the very same records, right after, on the same broker."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
+from bench import reference_loop
 from bench.harness import cpu_seconds, new_deployment, produce, tail_deltas
 from stream_app.kafka.embedded_broker import EmbeddedBroker
 from stream_app.tools.sample_data import sample_events
@@ -31,15 +34,24 @@ def run(broker: EmbeddedBroker, limit: int | None = None) -> dict[str, Any]:
         arrivals = asyncio.run(tail_deltas(deployment.settings, len(events), timeout_s=600))
         broker_cpu, worker_cpu = cpu_seconds(broker_pid) - broker_cpu, cpu_seconds(worker.pid) - worker_cpu
         first, last = arrivals[0][0], arrivals[-1][0]
+        deployment.stop()
+        # The same records, still in the same input topics, read again by the loop under its own group id.
+        loop_cpu = cpu_seconds(os.getpid())
+        loop = reference_loop.run(deployment.settings, len(events))
+        loop["cpu_s"] = round(cpu_seconds(os.getpid()) - loop_cpu, 2)
+        worker_rate = len(events) / (last - first) if last > first else float("nan")
         return {
             "events": len(events),
             "users": len({e["user_id"] for e in events}),
             "deltas": len(arrivals),
             "producer_events_per_s": len(events) / produce_s,
-            "worker_events_per_s": len(events) / (last - first) if last > first else float("nan"),
+            "worker_events_per_s": worker_rate,
             "seconds": last - first,
             "worker_cpu_s": worker_cpu,
             "broker_cpu_s": broker_cpu,
+            "worker_cpu_us_per_event": round(1e6 * worker_cpu / len(events), 1),
+            "reference_loop": loop,
+            "ratio_worker_to_loop": round(worker_rate / loop["events_per_s"], 3),
         }
     finally:
         deployment.stop()
