@@ -229,6 +229,13 @@ def main() -> int:
 
     install()
     path = Path(os.environ["BENCH_STAGES_FILE"])
+    if os.environ.get("BENCH_CPROFILE"):  # for a look by hand: the event loop's profile, written at exit
+        import atexit
+        import cProfile
+
+        profile = cProfile.Profile()
+        profile.enable()
+        atexit.register(lambda: profile.dump_stats(os.environ["BENCH_CPROFILE"]))
     threading.Thread(target=_serve_requests, args=(path,), name="bench-stages", daemon=True).start()
     return cli_main(["worker"])
 
