@@ -182,6 +182,25 @@ def install() -> None:
     Output.delta = delta  # type: ignore[method-assign]
 
 
+SENSOR_HOOKS = ("on_message_in", "on_message_out", "on_stream_event_in", "on_stream_event_out", "on_table_get",
+                "on_table_set", "on_send_initiated", "on_send_completed", "on_topic_buffer_full")
+
+
+def silence_sensors() -> None:
+    """BENCH_FAUST_SENSORS=off, to measure what Faust's per-message sensor calls cost (the monitor and the
+    Prometheus one): every per-message hook becomes a no-op. A measurement switch, not a way to run."""
+    from faust.sensors.monitor import Monitor
+    from faust.sensors.prometheus import PrometheusMonitor
+
+    def nothing(*_args: Any, **_kwargs: Any) -> None:
+        return None
+
+    for cls in (Monitor, PrometheusMonitor):
+        for hook in SENSOR_HOOKS:
+            if hook in vars(cls):
+                setattr(cls, hook, nothing)
+
+
 def _serve_requests(path: Path) -> None:
     request = path.with_name(path.name + ".request")
     while True:
@@ -228,6 +247,8 @@ def main() -> int:
     from stream_app.cli import main as cli_main
 
     install()
+    if os.environ.get("BENCH_FAUST_SENSORS") == "off":
+        silence_sensors()
     path = Path(os.environ["BENCH_STAGES_FILE"])
     if os.environ.get("BENCH_CPROFILE"):  # for a look by hand: the event loop's profile, written at exit
         import atexit

@@ -15,8 +15,9 @@ without it.
    fail: `exactly_once` is refused up front with a clear message.
 4. Faust hard-codes fetch_max_wait_ms=1500; on Tansu a fetch that finds nothing new waits that long even
    when records arrive meanwhile (no early return), so every hop costs up to the whole wait: 1500 ms gave
-   ~1 s event-to-delta latency, 100 ms up to 100 ms per hop (two hops), 10 ms keeps the p99 at 500 events/s
-   under 250 ms (docs/benchmarks.md) for ~2% of a core more idle polling in the worker and ~8% in the broker.
+   ~1 s event-to-delta latency, 100 ms up to 100 ms per hop (two hops). 25 ms: at most 50 ms over both hops,
+   for ~2% of a core more idle polling in the worker and ~6% in the broker than 100 ms (10 ms would cost
+   ~4% and ~10%: the polling competes with the encoder on small machines); see docs/benchmarks.md.
 5. ListOffsets by timestamp (offsets-for-times) answers offset 0 whatever the timestamp, so a replay
    `--since T` would start at the beginning. We find the first record with timestamp >= T by reading the
    partition (the embedded broker holds demo- and test-sized data in memory; real Kafka has an index).
@@ -33,7 +34,7 @@ from stream_app.ops.settings import Settings
 
 SESSION_TIMEOUT_S: Final = 6.0
 HEARTBEAT_INTERVAL_S: Final = 1.0
-FETCH_MAX_WAIT_MS: Final = 10
+FETCH_MAX_WAIT_MS: Final = 25
 
 _installed = False
 
