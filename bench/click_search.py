@@ -1,14 +1,20 @@
-"""Click/search path: end-to-end events/s of one worker on a pre-loaded backlog of real-derived events."""
+"""Click/search path: events/s of one worker on a pre-loaded backlog of real-derived events, and of the
+hand-written reference loop (bench/reference_loop.py) on the very same records, right after, on the same broker."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from collections.abc import Callable
 from typing import Any
 
-from bench.harness import cpu_seconds, new_deployment, produce, tail_deltas
+from bench import reference_loop
+from bench.harness import cpu_seconds, follow_deltas, new_deployment, produce
 from stream_app.kafka.embedded_broker import EmbeddedBroker
+from stream_app.ops.settings import Settings
 from stream_app.tools.sample_data import sample_events
+from stream_app.worker.process import Deployment, WorkerProcess
 
 
 def click_search_events(limit: int | None = None) -> list[dict[str, Any]]:
@@ -17,7 +23,35 @@ def click_search_events(limit: int | None = None) -> list[dict[str, Any]]:
     return events[:limit] if limit is not None else events
 
 
-def run(broker: EmbeddedBroker, limit: int | None = None) -> dict[str, Any]:
+async def _tail_with_cpu(settings: Settings, expected: int, pids: tuple[int, int],
+                         timeout_s: float = 600) -> tuple[list[tuple[float, list[str]]], tuple[float, float]]:
+    """Deltas until `expected` events are covered, and each pid's CPU seconds from the first delta to the last
+    (so the worker's start-up, imports and group join are not charged to the events)."""
+    arrivals: list[tuple[float, list[str]]] = []
+    covered: set[str] = set()
+    start_cpu: list[float] = []
+    deadline = time.monotonic() + timeout_s
+    follower = follow_deltas(settings)
+    try:
+        async for fetched in follower:
+            if fetched and not start_cpu:
+                start_cpu = [cpu_seconds(pid) for pid in pids]
+            arrivals.extend(fetched)
+            for _, ids in fetched:
+                covered.update(ids)
+            if len(covered) >= expected:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(covered)} of {expected} events reached a delta")
+    finally:
+        await follower.aclose()
+    worker_cpu, broker_cpu = (cpu_seconds(pid) - before for pid, before in zip(pids, start_cpu, strict=True))
+    return arrivals, (worker_cpu, broker_cpu)
+
+
+def run(broker: EmbeddedBroker, limit: int | None = None,
+        start_worker: Callable[[Deployment], WorkerProcess] | None = None) -> dict[str, Any]:
+    """`start_worker` replaces the plain `stream-app worker` (experiments: bench.latency.start_staged_worker)."""
     events = click_search_events(limit)
     # No reviews here: the model would only compete for the CPU while it loads (it loads on the first review).
     deployment = new_deployment(broker, PROFILE_ENCODER_PRELOAD="false")
@@ -25,21 +59,29 @@ def run(broker: EmbeddedBroker, limit: int | None = None) -> dict[str, Any]:
         started = time.perf_counter()
         asyncio.run(produce(deployment.settings, events))
         produce_s = time.perf_counter() - started
-        worker = deployment.start_worker()
+        worker = deployment.start_worker() if start_worker is None else start_worker(deployment)
         broker_pid = broker.pid
-        broker_cpu, worker_cpu = cpu_seconds(broker_pid), cpu_seconds(worker.pid)
-        arrivals = asyncio.run(tail_deltas(deployment.settings, len(events), timeout_s=600))
-        broker_cpu, worker_cpu = cpu_seconds(broker_pid) - broker_cpu, cpu_seconds(worker.pid) - worker_cpu
+        arrivals, cpu = asyncio.run(_tail_with_cpu(deployment.settings, len(events), (worker.pid, broker_pid)))
+        worker_cpu, broker_cpu = cpu
         first, last = arrivals[0][0], arrivals[-1][0]
+        deployment.stop()
+        # The same records, still in the same input topics, read again by the loop under its own group id.
+        loop_cpu = cpu_seconds(os.getpid())
+        loop = reference_loop.run(deployment.settings, len(events))
+        loop["cpu_s"] = round(cpu_seconds(os.getpid()) - loop_cpu, 2)
+        worker_rate = len(events) / (last - first) if last > first else float("nan")
         return {
             "events": len(events),
             "users": len({e["user_id"] for e in events}),
             "deltas": len(arrivals),
             "producer_events_per_s": len(events) / produce_s,
-            "worker_events_per_s": len(events) / (last - first) if last > first else float("nan"),
+            "worker_events_per_s": worker_rate,
             "seconds": last - first,
-            "worker_cpu_s": worker_cpu,
-            "broker_cpu_s": broker_cpu,
+            "worker_cpu_s": round(worker_cpu, 2),  # first delta to last delta
+            "broker_cpu_s": round(broker_cpu, 2),
+            "worker_cpu_us_per_event": round(1e6 * worker_cpu / len(events), 1),
+            "reference_loop": loop,
+            "ratio_worker_to_loop": round(worker_rate / loop["events_per_s"], 3),
         }
     finally:
         deployment.stop()

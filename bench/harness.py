@@ -7,7 +7,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,7 @@ async def produce(
     return sent_at
 
 
-async def follow_deltas(settings: Settings) -> AsyncIterator[list[tuple[float, list[str]]]]:
+async def follow_deltas(settings: Settings) -> AsyncGenerator[list[tuple[float, list[str]]], None]:
     """From the beginning of the deltas topic, forever: (arrival wall time, event ids) per delta, per fetch.
 
     Yields every ~100 ms, an empty list when nothing arrived, so callers can check their deadlines.

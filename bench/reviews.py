@@ -132,21 +132,32 @@ def pipeline_run(broker: EmbeddedBroker, events: list[dict[str, Any]], *, rate: 
         deployment.stop()
 
 
-def run(broker: EmbeddedBroker, reviews: int = 2000, per_event_reviews: int = 600,
-        branch_cost_reviews: int = 1000) -> dict[str, Any]:
+def run(broker: EmbeddedBroker, reviews: int = 2000, per_event_reviews: int = 600, *, precision: str | None = None,
+        full_only: bool = False, branch_cost_reviews: int = 0) -> dict[str, Any]:
+    """Ceiling and pipeline at full load; with `full_only` False also half load and the per-event baseline.
+
+    `precision` forces PROFILE_ENCODER_PRECISION for the ceiling and the worker alike (fp32 on a bf16 CPU
+    reproduces a CPU without native bf16). `branch_cost_reviews` > 0 also measures the encoder with and
+    without the sentiment branch on that many reviews.
+    """
     events = review_events(reviews)
+    overrides: dict[str, Any] = {} if precision is None else {"PROFILE_ENCODER_PRECISION": precision}
     settings = Settings()  # the workers below read the same PROFILE_* environment
+    if precision is not None:
+        settings = settings.model_copy(update={"encoder_precision": precision})
     ceiling = encoder_ceiling(settings, [e["text"] for e in events])
-    branch_cost = sentiment_branch_cost(settings, [e["text"] for e in events[:branch_cost_reviews]])
-    full = pipeline_run(broker, events)
-    half = pipeline_run(broker, events, rate=full["reviews_per_s"] / 2)
-    per_event = pipeline_run(broker, events[:per_event_reviews], PROFILE_REVIEW_BATCH_MAX="1")
-    return {
+    full = pipeline_run(broker, events, **overrides)
+    result: dict[str, Any] = {
         "encoder_ceiling": ceiling,
-        "sentiment_branch_cost": branch_cost,
         "pipeline_full_load": full,
-        "pipeline_half_load": half,
-        "per_event_baseline": per_event,
         "ratio_pipeline_to_ceiling": round(full["reviews_per_s"] / ceiling["texts_per_s"], 3),
-        "ratio_batched_to_per_event": round(full["reviews_per_s"] / per_event["reviews_per_s"], 2),
     }
+    if branch_cost_reviews:
+        result["sentiment_branch_cost"] = sentiment_branch_cost(settings,
+                                                                [e["text"] for e in events[:branch_cost_reviews]])
+    if not full_only:
+        half = pipeline_run(broker, events, rate=full["reviews_per_s"] / 2, **overrides)
+        per_event = pipeline_run(broker, events[:per_event_reviews], PROFILE_REVIEW_BATCH_MAX="1", **overrides)
+        result.update(pipeline_half_load=half, per_event_baseline=per_event,
+                      ratio_batched_to_per_event=round(full["reviews_per_s"] / per_event["reviews_per_s"], 2))
+    return result

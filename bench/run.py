@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from bench import click_search, reviews
+from bench import click_search, latency, reviews
 from stream_app.kafka.embedded_broker import EmbeddedBroker
 from stream_app.ops.settings import Settings
 
@@ -39,16 +39,32 @@ def machine() -> dict[str, Any]:
 
 
 def main() -> int:
+    from stream_app.encoding.bert_encoder import cpu_supports_bf16
+
     started = time.perf_counter()
     results: dict[str, Any] = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine()}
+    limit = os.environ.get("BENCH_CLICK_SEARCH_EVENTS")
+    reviews_count = int(os.environ.get("BENCH_REVIEWS", "2000"))
     with EmbeddedBroker() as broker:
+        print("click/search: one worker on a backlog of real-derived events, then the hand-written loop ...",
+              flush=True)
+        results["click_search"] = click_search.run(broker, int(limit) if limit else None)
+        print("latency: steady 500 and 2,000 events/s through an instrumented worker ...", flush=True)
+        results["latency"] = latency.run(broker, click_search.click_search_events(),
+                                         seconds=float(os.environ.get("BENCH_LATENCY_SECONDS", "20")))
         print("reviews: encoder ceiling, pipeline at full and half load, per-event baseline ...", flush=True)
-        results["reviews"] = reviews.run(broker, reviews=int(os.environ.get("BENCH_REVIEWS", "2000")),
+        results["reviews"] = reviews.run(broker, reviews=reviews_count,
                                          per_event_reviews=int(os.environ.get("BENCH_PER_EVENT_REVIEWS", "600")),
                                          branch_cost_reviews=int(os.environ.get("BENCH_BRANCH_COST_REVIEWS", "1000")))
-        print("click/search: one worker on a backlog of real-derived events ...", flush=True)
-        limit = os.environ.get("BENCH_CLICK_SEARCH_EVENTS")
-        results["click_search"] = click_search.run(broker, int(limit) if limit else None)
+        precision = results["reviews"]["encoder_ceiling"]["precision"]
+        other = "fp32" if precision != "fp32" else ("bf16" if cpu_supports_bf16() else None)
+        if other is not None:
+            print(f"reviews: encoder ceiling and pipeline in {other} ...", flush=True)
+            results[f"reviews_{other}"] = reviews.run(
+                broker, reviews=int(os.environ.get("BENCH_OTHER_PRECISION_REVIEWS", str(reviews_count // 2))),
+                precision=other, full_only=True)
+        else:
+            results["reviews_bf16"] = {"skipped": "this CPU has no native bf16 (AVX512-BF16/AMX)"}
     results["bench_seconds"] = round(time.perf_counter() - started, 1)
     RESULTS.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2) + b"\n")
     print(table(results))
@@ -57,20 +73,42 @@ def main() -> int:
 
 
 def table(results: dict[str, Any]) -> str:
-    r, c = results["reviews"], results["click_search"]
+    r, c, lat = results["reviews"], results["click_search"], results["latency"]["rates"]
     rows = [
-        ("encoder ceiling (texts/s)", f"{r['encoder_ceiling']['texts_per_s']:.1f}"),
-        *_branch_rows(r.get("sentiment_branch_cost", {})),
-        ("pipeline, full load (reviews/s)", f"{r['pipeline_full_load']['reviews_per_s']:.1f}"),
-        ("  latency p50 / p99 (s)", f"{r['pipeline_full_load']['latency_p50_s']} / "
-                                    f"{r['pipeline_full_load']['latency_p99_s']}"),
-        ("pipeline, half load (reviews/s)", f"{r['pipeline_half_load']['reviews_per_s']:.1f}"),
-        ("  latency p50 / p99 (s)", f"{r['pipeline_half_load']['latency_p50_s']} / "
-                                    f"{r['pipeline_half_load']['latency_p99_s']}"),
-        ("per-event baseline (reviews/s)", f"{r['per_event_baseline']['reviews_per_s']:.1f}"),
-        ("pipeline / ceiling", f"{r['ratio_pipeline_to_ceiling']:.3f}"),
-        ("batched / per-event", f"{r['ratio_batched_to_per_event']:.2f}"),
-        ("click/search (events/s, one worker)", f"{c['worker_events_per_s']:.0f}"),
+        ("click/search, one worker (events/s)", f"{c['worker_events_per_s']:.0f}"
+                                                f"  ({c['worker_cpu_us_per_event']:.0f} us CPU/event)"),
+        ("hand-written loop, same records (events/s)", f"{c['reference_loop']['events_per_s']:.0f}"),
+        ("worker / loop", f"{c['ratio_worker_to_loop']:.3f}"),
+    ]
+    for rate, phase in lat.items():
+        rows.append((f"produce->delta at {rate}/s p50 / p99 (ms)",
+                     f"{phase['latency_p50_ms']} / {phase['latency_p99_ms']}"))
+        for stage, numbers in phase["stages_ms"].items():
+            rows.append((f"  {stage} p50 / p99 (ms)", f"{numbers['p50_ms']} / {numbers['p99_ms']}"))
+        parts = ", ".join(f"{k} {v}" for k, v in phase["cpu_us_per_event_by_part"].items())
+        rows.append(("  CPU us/event, our calls", parts))
+        threads = ", ".join(f"{k} {v}" for k, v in phase["cpu_us_per_event_by_thread"].items())
+        rows.append(("  CPU us/event, by thread", threads))
+    for key in ("reviews", "reviews_fp32", "reviews_bf16"):
+        part = results.get(key)
+        if not part or "skipped" in part:
+            continue
+        ceiling = part["encoder_ceiling"]
+        label = f"reviews {ceiling['precision']}"
+        rows += [
+            (f"{label}: encoder ceiling (texts/s)", f"{ceiling['texts_per_s']:.1f}"),
+            *_branch_rows(part.get("sentiment_branch_cost", {})),
+            (f"{label}: pipeline, full load (reviews/s)", f"{part['pipeline_full_load']['reviews_per_s']:.1f}"),
+            (f"{label}: pipeline / ceiling", f"{part['ratio_pipeline_to_ceiling']:.3f}"),
+        ]
+    rows += [
+        ("  full load latency p50 / p99 (s)", f"{r['pipeline_full_load']['latency_p50_s']} / "
+                                              f"{r['pipeline_full_load']['latency_p99_s']}"),
+        ("  half load (reviews/s)", f"{r['pipeline_half_load']['reviews_per_s']:.1f}"),
+        ("  half load latency p50 / p99 (s)", f"{r['pipeline_half_load']['latency_p50_s']} / "
+                                              f"{r['pipeline_half_load']['latency_p99_s']}"),
+        ("  per-event baseline (reviews/s)", f"{r['per_event_baseline']['reviews_per_s']:.1f}"),
+        ("  batched / per-event", f"{r['ratio_batched_to_per_event']:.2f}"),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)

@@ -15,8 +15,11 @@ without it.
    correct it with the high watermark of a fetch response, which Tansu reports correctly.
 3. InitProducerId is only answered at v3 (aiokafka sends v0), so idempotent/transactional producers
    fail: `exactly_once` is refused up front with a clear message.
-4. Faust hard-codes fetch_max_wait_ms=1500; on Tansu an empty fetch waits that long every time, which
-   gives ~1 s event-to-delta latency. 100 ms gives ~80 ms.
+4. Faust hard-codes fetch_max_wait_ms=1500; on Tansu a fetch that finds nothing new waits that long even
+   when records arrive meanwhile (no early return), so every hop costs up to the whole wait: 1500 ms gave
+   ~1 s event-to-delta latency, 100 ms up to 100 ms per hop (two hops). 25 ms: at most 50 ms over both hops,
+   for ~2% of a core more idle polling in the worker and ~6% in the broker than 100 ms (10 ms would cost
+   ~4% and ~10%: the polling competes with the encoder on small machines); see docs/benchmarks.md.
 5. ListOffsets by timestamp (offsets-for-times) answers offset 0 whatever the timestamp, so a replay
    `--since T` would start at the beginning. We find the first record with timestamp >= T by reading the
    partition (the embedded broker holds demo- and test-sized data in memory; real Kafka has an index).
@@ -34,7 +37,7 @@ from stream_app.ops.settings import Settings
 
 SESSION_TIMEOUT_S: Final = 6.0
 HEARTBEAT_INTERVAL_S: Final = 1.0
-FETCH_MAX_WAIT_MS: Final = 100
+FETCH_MAX_WAIT_MS: Final = 25
 
 TANSU_CLUSTER_ID_PREFIX: Final = "tansu"
 

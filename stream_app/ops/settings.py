@@ -72,7 +72,8 @@ class Settings(BaseSettings):
 
     # -- Processing ------------------------------------------------------------------------------------
     batch_max: int = Field(5000, ge=1, description="events per micro-batch of the ingest and profile agents")
-    batch_within_s: float = Field(0.05, gt=0, description="longest wait to fill a micro-batch")
+    batch_within_s: float = Field(0.02, gt=0, description="longest wait to fill a micro-batch (paid once per hop, "
+                                                           "twice per event; docs/benchmarks.md)")
     review_batch_max: int = Field(256, ge=1, description="reviews per micro-batch of the review agent")
     review_batch_within_s: float = Field(0.1, gt=0, description="longest wait to fill a review micro-batch")
 

@@ -47,8 +47,10 @@ def faust_config(settings: Settings) -> dict[str, Any]:
         "autodiscover": False,
         "consumer_auto_offset_reset": "earliest",
         "producer_acks": -1,
-        # Fewer, larger produce requests: the broker shares the machine, and per-request cost dominates.
-        "producer_linger_ms": 10,
+        # No linger: every hop and the table-write confirmation waited for it (linger 10 vs 1 ms: produce->delta
+        # p50 316 vs 96 ms at 500 events/s, on a loaded machine; docs/benchmarks.md). Batches still form: aiokafka
+        # keeps one request in flight per broker, and what arrives meanwhile goes out together in the next one.
+        "producer_linger_ms": 0,
         # No batch and no record over the record limit (stock Kafka: message.max.bytes = 1,048,588): aiokafka
         # refuses a record over max_request_size when it is sent, so a record we failed to bound fails its
         # batch here instead of being rejected by a real broker after the embedded one accepted it in tests.
