@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+from stream_app.encoding.bert_encoder import resolve_precision
 from stream_app.tools.event_files import write_events
 from stream_app.tools.sample_data import sample_events
 from tests.integration.conftest import Stack
@@ -29,7 +32,13 @@ def cosine(a: list[float], b: list[float]) -> float:
     return sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
 
 
-ENCODER_ABS = 1e-2
+# A review's encoding depends on the other reviews in its forward batch (padding, kernel blocking), and replay
+# batches reviews differently from the live run. In fp32 that is float rounding (measured: sentiment within
+# 2e-6 of encoding the review alone); under bf16 autocast, the default on CPUs with native bf16, the
+# fine-tuned sentiment branch amplifies bf16 rounding of the shared layers: up to 0.0086 per review measured
+# (96 reviews, alone vs in batches of 32), 0.0105 once on a user's mean. docs/replay.md says so.
+ENCODER_PRECISION = resolve_precision(os.environ.get("PROFILE_ENCODER_PRECISION", "auto"), torch.device("cpu"))
+ENCODER_ABS = 3e-2 if ENCODER_PRECISION == "bf16" else 1e-4
 deviations: list[float] = []
 
 
@@ -45,9 +54,7 @@ def assert_same_profiles(actual: list[dict[str, Any]], expected: list[dict[str, 
             assert profile["rating"] is None
         else:
             assert profile["rating"] == pytest.approx(reference["rating"], rel=1e-9)
-        # The encoder's floats depend on batch company (padding, kernel blocking): replay encodes reviews in
-        # other batches than the live run did, so these two agree to the encoder's rounding, not to 1e-9
-        # (measured here: 2e-16 on a bf16 CPU; a GPU's kernels may differ more between batch shapes).
+        # The encoder's floats depend on batch company: these agree to ENCODER_ABS (above), not to 1e-9.
         if reference["sentiment"] is None:
             assert profile["sentiment"] is None and profile["embedding"] is None
         else:
