@@ -105,14 +105,19 @@ def published(port: Any) -> tuple[str, int, int]:
     return host, int(parts[-2]), int(parts[-1])
 
 
-def test_compose_file_is_valid_with_kafka_kraft_redis_worker_and_subscriber(tmp_path: Path) -> None:
+def rendered_compose(tmp_path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """docker/compose.yaml as `config` renders it with a secrets file (and the secrets used)."""
     tool = compose_tool()
     if tool is None:
         pytest.skip("neither docker-compose nor the docker compose plugin is installed (make system-deps)")
     env_file, values = secrets_file(tmp_path)
     result = compose_config(tool, env_file)
     assert result.returncode == 0, result.stderr
-    config: dict[str, Any] = yaml.safe_load(result.stdout)
+    return yaml.safe_load(result.stdout), values
+
+
+def test_compose_file_is_valid_with_kafka_kraft_redis_worker_and_subscriber(tmp_path: Path) -> None:
+    config, _ = rendered_compose(tmp_path)
     services = config["services"]
     assert set(services) == {"kafka", "redis", "worker", "subscriber"}
 
@@ -145,13 +150,7 @@ def test_compose_file_is_valid_with_kafka_kraft_redis_worker_and_subscriber(tmp_
 def test_compose_publishes_only_the_worker_and_metrics_ports_on_loopback_and_takes_secrets_from_an_env_file(
     tmp_path: Path,
 ) -> None:
-    tool = compose_tool()
-    if tool is None:
-        pytest.skip("neither docker-compose nor the docker compose plugin is installed (make system-deps)")
-    env_file, values = secrets_file(tmp_path)
-    result = compose_config(tool, env_file)
-    assert result.returncode == 0, result.stderr
-    config: dict[str, Any] = yaml.safe_load(result.stdout)
+    config, values = rendered_compose(tmp_path)
     services = config["services"]
 
     # Kafka and Redis: no published port, only the internal network (no route to or from outside).
@@ -179,7 +178,7 @@ def test_compose_publishes_only_the_worker_and_metrics_ports_on_loopback_and_tak
     # Without the values compose refuses to render, naming the missing secret.
     empty = tmp_path / "empty.env"
     empty.write_text("".join(f"{name}=\n" for name in SECRETS))
-    refused = compose_config(tool, empty)
+    refused = compose_config(compose_tool() or [], empty)
     assert refused.returncode != 0
     assert any(name in refused.stderr for name in SECRETS), refused.stderr
 
