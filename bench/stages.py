@@ -109,20 +109,22 @@ def install() -> None:
 
     Output.events = events  # type: ignore[method-assign,assignment]
 
-    original_decode = agents.profiles.decode_bundles
+    original_decode = agents.profiles.decode_bundle
 
-    def decode_bundles(values: Any) -> Any:
+    def decode_bundle(value: Any) -> Any:
+        # One call per by-user message; the batch's fold starts with its first message's decode.
         now, cpu = time.time(), time.thread_time()
-        decoded = original_decode(values)
+        decoded = original_decode(value)
         _timed_cpu("decode", cpu)
-        REC.batch = {"fold_start": now}
+        if not REC.batch or "fold_end" in REC.batch:
+            REC.batch = {"fold_start": now}
         for event in decoded:
             stamps = REC.events.get(event.event_id)
             if stamps is not None:
                 REC.durations["by_user_hop"].append(now - stamps[2])
         return decoded
 
-    agents.profiles.decode_bundles = decode_bundles
+    agents.profiles.decode_bundle = decode_bundle
 
     original_fold = agents.profiles.fold_batch
 

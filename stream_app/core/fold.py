@@ -20,11 +20,6 @@ def encode_bundle(events: Sequence[Event]) -> bytes:
     return b"[" + b",".join(event.to_json() for event in events) + b"]"
 
 
-def decode_bundles(values: Sequence[bytes | None]) -> list[Event]:
-    """Events of a micro-batch of by-user bundles, in order."""
-    return [event for value in values for event in decode_bundle(value)]
-
-
 def decode_bundle(value: bytes | None) -> list[Event]:
     """Events of one by-user bundle (raises on a value that is not one: the agent dead-letters it)."""
     return [event_from_trusted_doc(doc) for doc in orjson.loads(value)] if value else []
