@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 from unittest.mock import AsyncMock, MagicMock, patch
 
@@ -38,30 +39,15 @@ def worker() -> Iterator[WorkerApp]:
     built.encoder.stop()
 
 
-def record_outputs(worker: WorkerApp) -> Any:
-    return _Recorder(worker)
-
-
-class _Recorder:
-    """Patches the worker's outputs and table writes; `calls` holds the mocks."""
-
-    def __init__(self, worker: WorkerApp) -> None:
-        self.worker = worker
-
-    def __enter__(self) -> dict[str, Any]:
-        self.patches = [
-            patch.object(self.worker.output, "events", new_callable=AsyncMock),
-            patch.object(self.worker.output, "dead_letter", new_callable=AsyncMock),
-            patch.object(self.worker.output, "delta", new_callable=AsyncMock, side_effect=stored),
-            patch.object(self.worker.profiles, "send_changelog"),
-        ]
-        events, dlq, deltas, changelog = (p.start() for p in self.patches)
+@contextmanager
+def record_outputs(worker: WorkerApp) -> Iterator[dict[str, Any]]:
+    """Patches the worker's outputs and table writes; yields the mocks by name."""
+    with patch.object(worker.output, "events", new_callable=AsyncMock) as events, \
+         patch.object(worker.output, "dead_letter", new_callable=AsyncMock) as dlq, \
+         patch.object(worker.output, "delta", new_callable=AsyncMock, side_effect=stored) as deltas, \
+         patch.object(worker.profiles, "send_changelog") as changelog:
         changelog.return_value.message.partition = 0
-        return {"events": events, "dlq": dlq, "deltas": deltas}
-
-    def __exit__(self, *_: object) -> None:
-        for p in self.patches:
-            p.stop()
+        yield {"events": events, "dlq": dlq, "deltas": deltas}
 
 
 @pytest.fixture
