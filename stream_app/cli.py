@@ -132,6 +132,12 @@ def _cmd_train_sentiment(args: argparse.Namespace) -> int:
         from stream_app.encoding.sentiment_branch import DEFAULT_BRANCH_PATH
 
         out = Path(args.out) if args.out else DEFAULT_BRANCH_PATH
+        if args.rescore:
+            report = branch_training.rescore(Path(args.rescore), out, progress=not args.quiet,
+                                             cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+            print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+            print(f"wrote {out}")
+            return 0
         defaults = branch_training.TrainConfig()
         config = branch_training.TrainConfig(
             branch_layers=args.branch_layers or defaults.branch_layers, epochs=args.epochs or defaults.epochs,
@@ -239,6 +245,9 @@ def parser() -> argparse.ArgumentParser:
                        help="class weights = inverse class frequency to this power")
     train.add_argument("--drug-train-fraction", type=float, default=None,
                        help="share of the drug reviews to train on (0: keep them out of domain)")
+    train.add_argument("--rescore", default=None, metavar="FILE",
+                       help="do not train: score a branch file trained elsewhere (e.g. on a GPU) with this "
+                            "machine's encoder on the held-out data and write it, stamped for this model, to --out")
     train.add_argument("--device", default="cpu", help="where the branch trains and the shared layers run "
                                                        "(cpu, cuda); same code, same seeds")
     train.add_argument("--cache-dir", default=None,

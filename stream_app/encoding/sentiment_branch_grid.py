@@ -5,7 +5,9 @@ CPU the same code works but takes hours. Each configuration trains with `train_b
 `stream-app train-sentiment` does (same seeds, same split, same data assembly). Configurations are ranked by
 the validation slice(s) only (`selection_metric` on the Women's validation slice, and the drug validation
 slice when drug reviews are trained on); the test figures are recorded beside them for the report, never used
-to choose. The winner is then retrained with `stream-app train-sentiment` flags that name it.
+to choose. The winner's file is scored on the serving machine with `stream-app train-sentiment --rescore`
+(which also stamps it for that machine's base weights); `stream-app train-sentiment` trains the same
+configuration from its flags (its defaults are the committed one's).
 """
 
 from __future__ import annotations

@@ -243,7 +243,7 @@ def test_drug_split_is_fixed_disjoint_and_all_test_without_training() -> None:
 def test_polar_loss_trains_the_sign_and_ignores_neutral() -> None:
     negative, neutral, positive = (CLASSES.index(c) for c in ("negative", "neutral", "positive"))
     weights = torch.ones(3)
-    only_neutral = torch.zeros(2, 3, requires_grad=True)
+    only_neutral = torch.zeros(2, 3)
     assert float(polar_loss(only_neutral, torch.tensor([neutral, neutral]), weights)) == 0.0
     right = torch.zeros(2, 3)
     right[0, positive], right[1, negative] = 3.0, 3.0
