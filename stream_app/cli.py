@@ -132,8 +132,24 @@ def _cmd_train_sentiment(args: argparse.Namespace) -> int:
         from stream_app.encoding.sentiment_branch import DEFAULT_BRANCH_PATH
 
         out = Path(args.out) if args.out else DEFAULT_BRANCH_PATH
-        report = branch_training.train(out, limit=args.limit, progress=not args.quiet, epochs=args.epochs,
-                                       branch_layers=args.branch_layers,
+        if args.rescore:
+            report = branch_training.rescore(Path(args.rescore), out, progress=not args.quiet,
+                                             cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+            print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+            print(f"wrote {out}")
+            return 0
+        defaults = branch_training.TrainConfig()
+        config = branch_training.TrainConfig(
+            branch_layers=args.branch_layers or defaults.branch_layers, epochs=args.epochs or defaults.epochs,
+            layer_lr=args.layer_lr or defaults.layer_lr,
+            polar_weight=defaults.polar_weight if args.polar_weight is None else args.polar_weight,
+            label_smoothing=defaults.label_smoothing if args.label_smoothing is None else args.label_smoothing,
+            class_weight_power=(defaults.class_weight_power if args.class_weight_power is None
+                                else args.class_weight_power),
+            drug_train_fraction=(defaults.drug_train_fraction if args.drug_train_fraction is None
+                                 else args.drug_train_fraction))
+        report = branch_training.train(out, limit=args.limit, progress=not args.quiet, config=config,
+                                       device=args.device,
                                        cache_dir=Path(args.cache_dir) if args.cache_dir else None)
     print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     print(f"wrote {out}")
@@ -218,8 +234,22 @@ def parser() -> argparse.ArgumentParser:
                        help="weights file (default: the committed sentiment_branch.safetensors, or "
                             "sentiment_head.json with --linear-head)")
     train.add_argument("--limit", type=int, default=None, help="use only the first N reviews (quick runs)")
-    train.add_argument("--epochs", type=int, default=4)
-    train.add_argument("--branch-layers", type=int, default=1, help="top encoder layers copied into the branch")
+    train.add_argument("--epochs", type=int, default=None, help="default: the committed branch's")
+    train.add_argument("--branch-layers", type=int, default=None,
+                       help="top encoder layers copied into the branch (default: the committed branch's)")
+    train.add_argument("--layer-lr", type=float, default=None, help="learning rate of the branch's layer(s)")
+    train.add_argument("--polar-weight", type=float, default=None,
+                       help="weight of the auxiliary positive-vs-negative loss")
+    train.add_argument("--label-smoothing", type=float, default=None)
+    train.add_argument("--class-weight-power", type=float, default=None,
+                       help="class weights = inverse class frequency to this power")
+    train.add_argument("--drug-train-fraction", type=float, default=None,
+                       help="share of the drug reviews to train on (0: keep them out of domain)")
+    train.add_argument("--rescore", default=None, metavar="FILE",
+                       help="do not train: score a branch file trained elsewhere (e.g. on a GPU) with this "
+                            "machine's encoder on the held-out data and write it, stamped for this model, to --out")
+    train.add_argument("--device", default="cpu", help="where the branch trains and the shared layers run "
+                                                       "(cpu, cuda); same code, same seeds")
     train.add_argument("--cache-dir", default=None,
                        help="reuse/save the frozen layers' outputs here (about 1.4 GB for the full data)")
     train.add_argument("--linear-head", action="store_true",

