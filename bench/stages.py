@@ -85,9 +85,9 @@ def install() -> None:
 
     original_admit = agents.ingest.admit
 
-    async def admit(settings: Any, output: Any, batch: Any) -> Any:
+    async def admit(settings: Any, output: Any, batch: Any, *args: Any) -> Any:
         now, cpu = time.time(), time.thread_time()
-        admitted = await original_admit(settings, output, batch)
+        admitted = await original_admit(settings, output, batch, *args)
         _timed_cpu("admit", cpu)
         for event, message in admitted:
             REC.events[event.event_id] = [message.timestamp, now, now]
