@@ -81,7 +81,12 @@ def build_app(settings: Settings) -> faust.App:
     codecs.register()
     if settings.embedded_broker:
         tansu_workarounds.install(settings)
-    return faust.App(settings.app_id, **faust_config(settings))
+    app = faust.App(settings.app_id, **faust_config(settings))
+    if not settings.faust_message_sensors:
+        from stream_app.ops.metrics import quiet_message_sensors
+
+        quiet_message_sensors(app)
+    return app
 
 
 @dataclass
