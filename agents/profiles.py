@@ -54,8 +54,7 @@ def register(worker: WorkerApp) -> AgentT:
                     for event in failure.events:
                         await worker.output.dead_letter(event_message(origin[id(event)], event),
                                                         Rejection("processing_error", failure.reason))
-                for user_id, value in folded.writes.items():
-                    profiles[user_id] = value
+                await profiles.write_many(folded.writes, folded.encoded)
                 metrics.DUPLICATES.inc(folded.duplicates)
                 # A delta leaves only once the table write of its version is stored: after a crash the restarted
                 # worker recovers that version and re-emits the delta when the uncommitted events come again,

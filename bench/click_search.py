@@ -23,7 +23,7 @@ def click_search_events(limit: int | None = None) -> list[dict[str, Any]]:
     return events[:limit] if limit is not None else events
 
 
-async def _tail_with_cpu(settings: Settings, expected: int, pids: tuple[int, int],
+async def _tail_with_cpu(settings: Settings, expected: int, pids: tuple[int, int], worker: WorkerProcess,
                          timeout_s: float = 600) -> tuple[list[tuple[float, list[str]]], tuple[float, float]]:
     """Deltas until `expected` events are covered, and each pid's CPU seconds from the first delta to the last
     (so the worker's start-up, imports and group join are not charged to the events)."""
@@ -41,6 +41,7 @@ async def _tail_with_cpu(settings: Settings, expected: int, pids: tuple[int, int
                 covered.update(ids)
             if len(covered) >= expected:
                 break
+            worker.check_alive()  # a crashed worker fails the bench now, not after the timeout
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {len(covered)} of {expected} events reached a delta")
     finally:
@@ -61,7 +62,8 @@ def run(broker: EmbeddedBroker, limit: int | None = None,
         produce_s = time.perf_counter() - started
         worker = deployment.start_worker() if start_worker is None else start_worker(deployment)
         broker_pid = broker.pid
-        arrivals, cpu = asyncio.run(_tail_with_cpu(deployment.settings, len(events), (worker.pid, broker_pid)))
+        arrivals, cpu = asyncio.run(_tail_with_cpu(deployment.settings, len(events), (worker.pid, broker_pid),
+                                                     worker))
         worker_cpu, broker_cpu = cpu
         first, last = arrivals[0][0], arrivals[-1][0]
         deployment.stop()

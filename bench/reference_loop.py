@@ -70,8 +70,9 @@ def run(settings: Settings, expected_events: int, timeout_s: float = 600) -> dic
             if first is None:
                 first = time.perf_counter()
             events = []
+            now = time.time()  # the ingest clock of the future-timestamp rule, once per poll like the worker
             for message in messages:
-                verdict = triage(settings, message.topic() or "", message.key(), message.value())
+                verdict = triage(settings, message.topic() or "", message.key(), message.value(), now)
                 if isinstance(verdict, Rejection):
                     rejected += 1
                 else:

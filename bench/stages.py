@@ -85,15 +85,15 @@ def install() -> None:
 
     original_admit = agents.ingest.admit
 
-    async def admit(settings: Any, output: Any, batch: Any) -> Any:
+    async def admit(settings: Any, output: Any, batch: Any, *args: Any) -> Any:
         now, cpu = time.time(), time.thread_time()
-        admitted = await original_admit(settings, output, batch)
+        admitted = await original_admit(settings, output, batch, *args)
         _timed_cpu("admit", cpu)
         for event, message in admitted:
             REC.events[event.event_id] = [message.timestamp, now, now]
         return admitted
 
-    agents.ingest.admit = admit
+    agents.ingest.admit = admit  # type: ignore[assignment]
 
     original_events = Output.events
 
@@ -144,6 +144,15 @@ def install() -> None:
         _timed_cpu("table_set", cpu)
 
     ProfileTable.__setitem__ = setitem  # type: ignore[method-assign,assignment]
+
+    original_write_many = ProfileTable.write_many
+
+    async def write_many(self: ProfileTable, *args: Any) -> None:  # the profile agent's writes (at least once)
+        cpu = time.thread_time()
+        await original_write_many(self, *args)
+        _timed_cpu("table_set", cpu)
+
+    ProfileTable.write_many = write_many  # type: ignore[method-assign,assignment]
 
     original_confirm = ProfileTable.confirm_writes
 

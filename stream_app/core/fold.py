@@ -56,6 +56,7 @@ class FoldedBatch:
     the users whose events could not be folded (to dead-letter)."""
 
     writes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    encoded: dict[str, bytes] = field(default_factory=dict)  # the writes as JSON, where `apply` had them
     deltas: list[tuple[Delta, bool]] = field(default_factory=list)
     failures: list[FoldFailure] = field(default_factory=list)
     events: int = 0
@@ -84,6 +85,8 @@ def fold_batch(
             continue
         if new_value is not None:
             folded.writes[user_id] = new_value
+            if result.encoded is not None:
+                folded.encoded[user_id] = result.encoded
         counted = len(result.delta["event_ids"]) if result.delta is not None else 0
         folded.duplicates += len(user_events) - counted
         # Re-emissions first: their versions are older than the new delta's.

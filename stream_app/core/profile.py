@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import orjson
+
 from schemas.events import EVENT_TYPES, Event
 from stream_app.core.decay import age_factor, check_read_time, forward_weight, needs_rescale, rescale_factor
 from stream_app.core.keywords import query_terms
@@ -141,6 +143,9 @@ def _mean(num_den: Sequence[float]) -> float | None:
 class ApplyResult:
     delta: Delta | None  # None when every event was a duplicate
     redeliveries: list[Delta]  # earlier deltas whose events were delivered again
+    # The new state as JSON (orjson, what the table's codec writes), when there is a delta: measured for the
+    # record limit anyway, so the table write sends these bytes instead of serialising the state again.
+    encoded: bytes | None = None
 
 
 def apply(profile: ProfileState, events: Sequence[Event], params: ProfileParams) -> ApplyResult:
@@ -236,8 +241,8 @@ def apply(profile: ProfileState, events: Sequence[Event], params: ProfileParams)
     _trim_oldest(profile.seen, params.dedup_window)
     profile.outbox.append(delta)
     del profile.outbox[: max(0, len(profile.outbox) - params.redelivery_window)]
-    bound_record(profile, params.max_record_bytes)
-    return ApplyResult(delta, redeliveries)
+    encoded = bound_record(profile, params.max_record_bytes)
+    return ApplyResult(delta, redeliveries, encoded)
 
 
 def check_compatible(profile: ProfileState, params: ProfileParams, events: Sequence[Event] = ()) -> None:
@@ -315,8 +320,9 @@ class ProfileTooLarge(ValueError):
     pass
 
 
-def bound_record(profile: ProfileState, max_record_bytes: int) -> None:
-    """Keep the table value (key + JSON state) within one Kafka record of `max_record_bytes`.
+def bound_record(profile: ProfileState, max_record_bytes: int) -> bytes:
+    """Keep the table value (key + JSON state) within one Kafka record of `max_record_bytes`; returns the
+    state's JSON (serialised once when it fits, as nearly always, and once more after trimming).
 
     The oldest outbox deltas go first, never the newest: the agent confirms a round's deltas before it
     writes the next round, so only the newest delta can be lost by a crash and need re-emission. Then the
@@ -325,7 +331,10 @@ def bound_record(profile: ProfileState, max_record_bytes: int) -> None:
     default and keys near the contract's length limits) raises instead of writing a record Kafka refuses.
     """
     budget = max_record_bytes - RECORD_OVERHEAD_BYTES - len(profile.user_id.encode())
-    size = json_size(profile.to_dict())
+    encoded = orjson.dumps(profile.to_dict())
+    size = len(encoded)
+    if size <= budget:
+        return encoded
     while size > budget and len(profile.outbox) > 1:
         size -= json_size(profile.outbox.pop(0)) + 1
     if size > budget:
@@ -341,6 +350,7 @@ def bound_record(profile: ProfileState, max_record_bytes: int) -> None:
             f"{max_record_bytes} even with its outbox and de-duplication ids trimmed; raise the limit or lower "
             "PROFILE_TOP_K"
         )
+    return orjson.dumps(profile.to_dict())
 
 
 def _trim_oldest(seen: dict[str, int], limit: int) -> None:

@@ -18,6 +18,7 @@ from stream_app.encoding.encoder import TextEncoder
 from stream_app.encoding.service import EncoderService
 from stream_app.kafka import codecs, tansu_workarounds
 from stream_app.kafka.clients import sasl_login, ssl_context
+from stream_app.kafka.partitioning import KeyPartitioner
 from stream_app.ops.settings import Settings
 from stream_app.worker import commit_safety, health, web
 from stream_app.worker.admission import load_replay_refusals
@@ -56,6 +57,7 @@ def faust_config(settings: Settings) -> dict[str, Any]:
         # batch here instead of being rejected by a real broker after the embedded one accepted it in tests.
         "producer_max_batch_size": min(1024 * 1024, settings.max_record_bytes),
         "producer_max_request_size": settings.max_record_bytes,
+        "producer_partitioner": KeyPartitioner(),  # aiokafka's default, with the key hashes remembered
         "broker_max_poll_records": 5000,
         "stream_buffer_maxsize": 4 * settings.batch_max,
         "consumer_max_fetch_size": max(4 * 1024 * 1024, 2 * settings.max_record_bytes),
@@ -82,7 +84,12 @@ def build_app(settings: Settings) -> faust.App:
     commit_safety.install()
     if settings.embedded_broker:
         tansu_workarounds.install(settings)
-    return faust.App(settings.app_id, **faust_config(settings))
+    app = faust.App(settings.app_id, **faust_config(settings))
+    if not settings.faust_message_sensors:
+        from stream_app.ops.metrics import quiet_message_sensors
+
+        quiet_message_sensors(app)
+    return app
 
 
 @dataclass

@@ -9,7 +9,6 @@ from contextlib import contextmanager
 from typing import Any
 from unittest.mock import AsyncMock, MagicMock, patch
 
-import faust
 import orjson
 import pytest
 
@@ -41,13 +40,15 @@ def worker() -> Iterator[WorkerApp]:
 
 @contextmanager
 def record_outputs(worker: WorkerApp) -> Iterator[dict[str, Any]]:
-    """Patches the worker's outputs and table writes; yields the mocks by name."""
+    """Patches the worker's outputs and table writes; yields the mocks by name. The profile agent's table writes
+    go to the producer (`ProfileTable.write_many`), a write outside an agent through Faust's `send_changelog`."""
     with patch.object(worker.output, "events", new_callable=AsyncMock) as events, \
          patch.object(worker.output, "dead_letter", new_callable=AsyncMock) as dlq, \
          patch.object(worker.output, "delta", new_callable=AsyncMock, side_effect=stored) as deltas, \
+         patch.object(worker.app.producer, "send", new_callable=AsyncMock, side_effect=stored) as changelog_sends, \
          patch.object(worker.profiles, "send_changelog") as changelog:
         changelog.return_value.message.partition = 0
-        yield {"events": events, "dlq": dlq, "deltas": deltas}
+        yield {"events": events, "dlq": dlq, "deltas": deltas, "changelog": changelog_sends}
 
 
 @pytest.fixture
@@ -129,7 +130,7 @@ async def test_a_delta_is_published_only_after_its_table_write_is_stored(worker:
     writes: list[PendingWrite] = []
     writes_stored_when_published: list[bool] = []
 
-    def send_changelog(*_args: Any, **_kwargs: Any) -> PendingWrite:
+    async def send_changelog(*_args: Any, **_kwargs: Any) -> PendingWrite:  # the producer's send, for the table
         writes.append(PendingWrite())
         return writes[-1]
 
@@ -139,7 +140,7 @@ async def test_a_delta_is_published_only_after_its_table_write_is_stored(worker:
 
     event = Event("e1", "u1", 0.0, "click", item_id="i")
     with patch.object(worker.output, "delta", new_callable=AsyncMock, side_effect=publish) as deltas, \
-         patch.object(faust.Table, "send_changelog", side_effect=send_changelog):  # under ProfileTable's
+         patch.object(worker.app.producer, "send", side_effect=send_changelog):  # only the table uses it here
         async with worker.agents["update_profiles"].test_context() as agent:
             await agent.put(encode_bundle([event]), wait=False)
             await until(lambda: writes)
@@ -265,13 +266,14 @@ async def test_a_failed_table_write_or_delta_fails_the_profile_batch(refused: st
             future.set_result(None)
         return future
 
-    async def send(*_args: Any, **_kwargs: Any) -> asyncio.Future[None]:
-        return result(refused == "delta")
+    changelog = worker.profiles.changelog_topic.get_topic_name()
+
+    async def send(topic: str, *_args: Any, **_kwargs: Any) -> asyncio.Future[None]:
+        return result(refused == ("table write" if topic == changelog else "delta"))
 
     agent = worker.agents["update_profiles"]
     agent.add_sink(count)
-    with patch.object(worker.app.producer, "send", side_effect=send), \
-         patch.object(faust.Table, "send_changelog", side_effect=lambda *a, **k: result(refused == "table write")):
+    with patch.object(worker.app.producer, "send", side_effect=send):
         async with agent.test_context(on_error=on_error) as running:
             await running.put(encode_bundle([Event("e1", "u1", 0.0, "click", item_id="i")]), wait=False)
             await until(lambda: errors)
@@ -279,3 +281,50 @@ async def test_a_failed_table_write_or_delta_fails_the_profile_batch(refused: st
     assert [str(exc) for exc in errors] == [refused]
     assert done == []
     assert exits == [70]
+
+
+async def test_batched_table_writes_are_the_records_faust_would_write(worker: WorkerApp) -> None:
+    # Recovery and standbys read the changelog with Faust's codecs and partitioning: the records write_many sends
+    # must be exactly those of `table[key] = value` (UTF-8 key, Faust's json codec, the default partitioner).
+    from aiokafka.partitioner import DefaultPartitioner
+    from faust.serializers import codecs
+
+    value = {"user_id": "u1", "version": 3, "activity": {"click": 1.5}, "seen": {"e1": 3}, "embedding_num": None}
+    with patch.object(worker.app.producer, "send", new_callable=AsyncMock, side_effect=stored) as send:
+        await worker.profiles.write_many({"u1": value, "user-two": value}, {"user-two": orjson.dumps(value)})
+        await worker.profiles.confirm_writes()
+    partitions = list(range(worker.settings.partitions))
+    for call, key in zip(send.await_args_list, ("u1", "user-two"), strict=True):
+        topic, sent_key, sent_value, partition = call.args[:4]
+        assert topic == worker.profiles.changelog_topic.get_topic_name()
+        assert sent_key == key.encode()
+        assert sent_value == codecs.dumps("json", value)
+        assert partition == DefaultPartitioner()(sent_key, partitions, partitions)
+    assert worker.profiles["u1"] == value and worker.profiles["user-two"] == value
+
+
+async def test_under_exactly_once_table_writes_take_fausts_own_path() -> None:
+    worker = make_worker(processing_guarantee="exactly_once")
+    with patch.object(worker.profiles, "send_changelog") as changelog:
+        changelog.return_value.message.partition = 0
+        await worker.profiles.write_many({"u1": {"version": 1}}, {})
+    worker.encoder.stop()
+    assert changelog.call_count == 1 and worker.profiles["u1"] == {"version": 1}
+
+
+async def test_without_message_sensors_the_agents_work_and_no_per_message_hook_reaches_a_sensor() -> None:
+    from faust.sensors import SensorDelegate
+
+    from stream_app.ops.metrics import PER_MESSAGE_HOOKS, QuietSensors
+
+    assert all(getattr(QuietSensors, hook) is not getattr(SensorDelegate, hook) for hook in PER_MESSAGE_HOOKS)
+    worker = make_worker(faust_message_sensors=False)
+    assert isinstance(worker.app.sensors, QuietSensors)
+    sensor = MagicMock()
+    worker.app.sensors.add(sensor)
+    with record_outputs(worker) as sent:
+        async with worker.agents["update_profiles"].test_context() as agent:
+            await agent.put(encode_bundle([Event("e1", "u1", 0.0, "click", item_id="i")]))
+    worker.encoder.stop()
+    assert [call.args[0]["version"] for call in sent["deltas"].await_args_list] == [1]
+    assert not {name for name, *_ in sensor.method_calls} & set(PER_MESSAGE_HOOKS)

@@ -1,8 +1,12 @@
+import pytest
 from aiokafka.partitioner import DefaultPartitioner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from schemas.events import Event, event_from_trusted_doc
 from stream_app.core.fold import encode_bundle
-from stream_app.kafka.partitioning import partition_for_user
+from stream_app.kafka import partitioning
+from stream_app.kafka.partitioning import KeyPartitioner, partition_for_user
 from stream_app.worker.publish import bundle_by_partition
 
 
@@ -23,3 +27,21 @@ def test_bundles_group_by_partition_and_round_trip() -> None:
     for partition, bundle in bundles.items():
         assert {partition_for_user(e.user_id, 3) for e in bundle} == {partition}
         assert [event_from_trusted_doc(d) for d in orjson.loads(encode_bundle(bundle))] == bundle
+
+
+@settings(max_examples=300, deadline=None)
+@given(keys=st.lists(st.binary(max_size=80), min_size=1, max_size=20), count=st.integers(1, 64))
+def test_the_remembering_partitioner_picks_the_default_partitioners_partition(keys: list[bytes], count: int) -> None:
+    partitions = list(range(count))
+    ours = KeyPartitioner()
+    for key in keys + keys:  # the second time from memory
+        assert ours(key, partitions, partitions) == DefaultPartitioner()(key, partitions, partitions)
+    assert ours(None, partitions, partitions) in partitions
+
+
+def test_the_remembered_hashes_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(partitioning, "_MAX_REMEMBERED", 10)
+    for index in range(25):
+        user = f"user-{index}"
+        assert partition_for_user(user, 7) == DefaultPartitioner()(user.encode(), list(range(7)), [])
+    assert len(partitioning._hashes) <= 10
