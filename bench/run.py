@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from bench import click_search, latency, reviews
+from stream_app.encoding import prefer_passive_omp_threads
 from stream_app.kafka.embedded_broker import EmbeddedBroker
 from stream_app.ops.settings import Settings
 
@@ -40,6 +41,7 @@ def machine() -> dict[str, Any]:
 
 
 def main() -> int:
+    prefer_passive_omp_threads(os.environ)  # the encoder ceiling runs here: same threads policy as the worker
     from stream_app.encoding.bert_encoder import cpu_supports_bf16
 
     started = time.perf_counter()
