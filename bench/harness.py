@@ -7,7 +7,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncGenerator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,19 +48,15 @@ def wait_ready(deployment: Deployment, timeout_s: float) -> None:
             time.sleep(0.2)
 
 
-def topic_for(settings: Settings, event: dict[str, Any]) -> str:
-    return settings.topic_for(event["type"])
-
-
 async def produce(
     settings: Settings, events: Iterable[dict[str, Any]], rate: float | None = None,
-    sent_at: dict[str, float] | None = None,
+    sent_at: dict[str, float] | None = None, *, clock: Callable[[], float] = time.perf_counter, linger_ms: int = 2,
 ) -> dict[str, float]:
-    """Send events (at `rate` per second if given); returns event_id -> wall time it was handed to Kafka.
+    """Send events (at `rate` per second if given); returns event_id -> `clock()` when it was handed to Kafka.
 
     Pass `sent_at` to watch it fill while sending (the soak test measures latency as it goes).
     """
-    client = producer(settings, linger_ms=2)
+    client = producer(settings, linger_ms=linger_ms)
     await client.start()
     sent_at = {} if sent_at is None else sent_at
     try:
@@ -72,9 +68,9 @@ async def produce(
                 delay = due - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-            pending.append(await client.send(topic_for(settings, event), orjson.dumps(event),
+            pending.append(await client.send(settings.topic_for(event["type"]), orjson.dumps(event),
                                              key=event["user_id"].encode()))
-            sent_at[event["event_id"]] = time.perf_counter()
+            sent_at[event["event_id"]] = clock()
             if len(pending) > 5000:
                 await asyncio.gather(*pending)
                 pending.clear()

@@ -19,8 +19,8 @@ from typing import Any
 import orjson
 
 from bench import stages
-from bench.harness import new_deployment, percentile, wait_ready
-from stream_app.kafka.clients import consumer, producer
+from bench.harness import new_deployment, percentile, produce, wait_ready
+from stream_app.kafka.clients import consumer
 from stream_app.kafka.embedded_broker import EmbeddedBroker
 from stream_app.ops.settings import Settings
 from stream_app.worker.process import Deployment, WorkerProcess
@@ -51,26 +51,7 @@ def start_staged_worker(deployment: Deployment, **overrides: str) -> tuple[Stage
 
 async def produce_at(settings: Settings, events: list[dict[str, Any]], rate: float) -> dict[str, float]:
     """Send at a steady rate; event id -> wall time (time.time()) at hand-off, the clock record timestamps use."""
-    client = producer(settings, linger_ms=0)
-    await client.start()
-    sent: dict[str, float] = {}
-    try:
-        started = time.perf_counter()
-        pending = []
-        for index, event in enumerate(events):
-            delay = started + index / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            sent[event["event_id"]] = time.time()
-            pending.append(await client.send(settings.topic_for(event["type"]), orjson.dumps(event),
-                                             key=event["user_id"].encode()))
-            if len(pending) > 1000:
-                await asyncio.gather(*pending)
-                pending.clear()
-        await asyncio.gather(*pending)
-    finally:
-        await client.stop()
-    return sent
+    return await produce(settings, events, rate, clock=time.time, linger_ms=0)
 
 
 async def delta_times(settings: Settings, wanted: set[str], timeout_s: float) -> dict[str, float]:

@@ -235,6 +235,15 @@ def load_or_compute(cache: Path | None, key: str, compute: Callable[[], SharedSt
     return states
 
 
+def cached_shared_states(encoder: Any, corpus: Corpus, layer: int, fingerprint: str, cache_dir: Path | None, *,
+                         progress: bool) -> SharedStates:
+    """The corpus's shared-layer outputs, from `cache_dir` when computed there before for this model and layer."""
+    key = f"{corpus.name}:{len(corpus.texts)}:{fingerprint}:{layer}:{encoder.max_length}"
+    cache = cache_dir / f"shared-{corpus.name}-{len(corpus.texts)}-L{layer}.pt" if cache_dir else None
+    return load_or_compute(cache, key, functools.partial(
+        compute_shared_states, encoder, corpus.texts, layer, progress=progress))
+
+
 # -- training ------------------------------------------------------------------------------------------------
 def length_batches(states: SharedStates, indices: Sequence[int], batch_size: int,
                    generator: torch.Generator) -> Iterator[list[int]]:
@@ -530,10 +539,7 @@ def train(out: Path, *, limit: int | None = None, cache_dir: Path | None = None,
     corpora = [c for c in (womens, drugs, tweets) if c is not None]
     states = {}
     for corpus in corpora:
-        key = f"{corpus.name}:{len(corpus.texts)}:{fingerprint}:{layer}:{encoder.max_length}"
-        cache = cache_dir / f"shared-{corpus.name}-{len(corpus.texts)}-L{layer}.pt" if cache_dir else None
-        states[corpus.name] = load_or_compute(cache, key, functools.partial(
-            compute_shared_states, encoder, corpus.texts, layer, progress=progress))
+        states[corpus.name] = cached_shared_states(encoder, corpus, layer, fingerprint, cache_dir, progress=progress)
     shared_s = time.perf_counter() - started
 
     data = assemble(config, womens, drugs, states)
@@ -626,10 +632,7 @@ def rescore(path: Path, out: Path, *, cache_dir: Path | None = None, progress: b
         subsets.append(tweets)
     states = {}
     for corpus in subsets:
-        key = f"{corpus.name}:{len(corpus.texts)}:{fingerprint}:{layer}:{encoder.max_length}"
-        cache = cache_dir / f"shared-{corpus.name}-{len(corpus.texts)}-L{layer}.pt" if cache_dir else None
-        states[corpus.name] = load_or_compute(cache, key, functools.partial(
-            compute_shared_states, encoder, corpus.texts, layer, progress=progress))
+        states[corpus.name] = cached_shared_states(encoder, corpus, layer, fingerprint, cache_dir, progress=progress)
     old_head = SentimentHead.load(DEFAULT_HEAD_PATH) if DEFAULT_HEAD_PATH.is_file() else None
     report: dict[str, Any] = {key: value for key, value in trained.items()
                               if key not in ("test_womens", "test_drugs_common_half", "tweets", "validation")}

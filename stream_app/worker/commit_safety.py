@@ -65,12 +65,13 @@ class _NeverRead(dict[Any, Any]):
 
 
 class _Contiguity:
-    """Per partition, the last offset the fetch loop delivered and the fetch epoch it belongs to; the epoch
-    moves on at every seek, flow stop and rebalance, after which the next record says nothing about gaps."""
+    """Per partition, the last offset the fetch loop delivered in the current fetch epoch; the epoch moves on
+    (and forgets them) at every seek, flow stop and rebalance, after which the next record says nothing about
+    gaps. A fetch that began in an earlier epoch records nothing."""
 
     def __init__(self) -> None:
         self.epoch = 0
-        self.last: dict[TP, tuple[int, int]] = {}
+        self.last: dict[TP, int] = {}
 
     def reset(self) -> None:
         self.epoch += 1
@@ -119,10 +120,9 @@ def install() -> None:
         committed = self._committed_offset[tp]
         offset, rest = new_offset(acked, committed)
         if offset is None:
-            acked[:] = rest
             _warn_if_stuck(self, tp, committed, rest)
-            return None
-        self._acked_index[tp].difference_update([o for o in acked if o < offset])
+        else:
+            self._acked_index[tp].difference_update([o for o in acked if o < offset])
         acked[:] = rest
         return offset
 
@@ -134,10 +134,10 @@ def install() -> None:
         async for tp, message in original_getmany(self, timeout):
             if contiguity.epoch == epoch:
                 previous = contiguity.last.get(tp)
-                if previous is not None and previous[0] == epoch and message.offset > previous[1] + 1:
+                if previous is not None and message.offset > previous + 1:
                     # Consecutive in what the broker sent: the offsets between do not exist (markers, compaction).
-                    await self._add_gap(tp, previous[1] + 1, message.offset - 1)
-                contiguity.last[tp] = (epoch, message.offset)
+                    await self._add_gap(tp, previous + 1, message.offset - 1)
+                contiguity.last[tp] = message.offset
             yield tp, message
 
     original_perform_seek = Consumer.perform_seek
