@@ -20,7 +20,7 @@ from stream_app.kafka import codecs, tansu_workarounds
 from stream_app.kafka.clients import sasl_login, ssl_context
 from stream_app.kafka.partitioning import KeyPartitioner
 from stream_app.ops.settings import Settings
-from stream_app.worker import commit_safety, health, web
+from stream_app.worker import commit_safety, fast_delivery, health, web
 from stream_app.worker.admission import load_replay_refusals
 from stream_app.worker.publish import Output
 from stream_app.worker.tables import ProfileTable, profile_table
@@ -82,6 +82,7 @@ def _credentials(settings: Settings) -> Any:
 def build_app(settings: Settings) -> faust.App:
     codecs.register()
     commit_safety.install()
+    fast_delivery.install()
     if settings.embedded_broker:
         tansu_workarounds.install(settings)
     app = faust.App(settings.app_id, **faust_config(settings))
