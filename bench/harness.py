@@ -27,7 +27,7 @@ def new_deployment(broker: EmbeddedBroker, **overrides: str) -> Deployment:
     return Deployment(broker.url, Path(tempfile.mkdtemp(prefix=f"bench-{tag}-")), prefix="bench", **overrides)
 
 
-def wait_ready(deployment: Deployment, timeout_s: float) -> None:
+def wait_ready(deployment: Deployment, timeout_s: float, poll_s: float = 0.2) -> None:
     """Until every worker answers 200 on GET /ready (joined, tables recovered, encoder loaded)."""
     import urllib.error
     import urllib.request
@@ -45,7 +45,7 @@ def wait_ready(deployment: Deployment, timeout_s: float) -> None:
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError(f"worker on port {port} not ready after {timeout_s} s")
-            time.sleep(0.2)
+            time.sleep(poll_s)
 
 
 async def produce(
