@@ -63,8 +63,8 @@ def register(worker: WorkerApp) -> AgentT:
                 # offsets can be committed): a crash can lose only the newest round's deltas, which the outbox
                 # always keeps, and a failed send crashes the agent instead of being lost.
                 await profiles.confirm_writes()
-                sent = [await worker.output.delta(delta, redelivery=again) for delta, again in folded.deltas]
-                await asyncio.gather(*sent)
+                if folded.deltas:
+                    await asyncio.gather(*await worker.output.deltas(folded.deltas))
             await worker.output.confirm_sends()  # the dead letters this agent sent
             yield len(events)
 

@@ -165,32 +165,35 @@ def install() -> None:
 
     ProfileTable.confirm_writes = confirm_writes  # type: ignore[method-assign]
 
-    original_delta = Output.delta
+    original_deltas = Output.deltas
 
-    async def delta(self: Output, delta: Any, *, redelivery: bool = False) -> Any:
+    async def deltas(self: Output, pairs: Any) -> Any:
         cpu = time.thread_time()
-        result = await original_delta(self, delta, redelivery=redelivery)
+        result = await original_deltas(self, pairs)
         _timed_cpu("delta_send", cpu)
         now = time.time()
         batch = REC.batch
-        if redelivery or "confirmed" not in batch:
+        if "confirmed" not in batch:
             return result
-        for event_id in delta["event_ids"]:
-            stamps = REC.events.pop(event_id, None)
-            if stamps is None:
+        for delta, redelivery in pairs:
+            if redelivery:
                 continue
-            produced, ingest_start, bundle_sent = stamps
-            d = REC.durations
-            d["input_to_ingest"].append(ingest_start - produced)
-            d["ingest_agent"].append(bundle_sent - ingest_start)
-            d["fold"].append(batch["fold_end"] - batch["fold_start"])
-            d["write_confirm"].append(batch["confirmed"] - batch["fold_end"])
-            d["delta_send"].append(now - batch["confirmed"])
-            d["total"].append(now - produced)
-            REC.delta_events += 1
+            for event_id in delta["event_ids"]:
+                stamps = REC.events.pop(event_id, None)
+                if stamps is None:
+                    continue
+                produced, ingest_start, bundle_sent = stamps
+                d = REC.durations
+                d["input_to_ingest"].append(ingest_start - produced)
+                d["ingest_agent"].append(bundle_sent - ingest_start)
+                d["fold"].append(batch["fold_end"] - batch["fold_start"])
+                d["write_confirm"].append(batch["confirmed"] - batch["fold_end"])
+                d["delta_send"].append(now - batch["confirmed"])
+                d["total"].append(now - produced)
+                REC.delta_events += 1
         return result
 
-    Output.delta = delta  # type: ignore[method-assign]
+    Output.deltas = deltas  # type: ignore[method-assign]
 
 
 SENSOR_HOOKS = ("on_message_in", "on_message_out", "on_stream_event_in", "on_stream_event_out", "on_table_get",

@@ -32,7 +32,8 @@ from stream_app.core.limits import RECORD_OVERHEAD_BYTES
 from stream_app.core.profile import Delta
 from stream_app.core.pseudonym import pseudonymiser
 from stream_app.core.triage import Rejection
-from stream_app.kafka.partitioning import partition_for_user
+from stream_app.kafka.batched_send import aiokafka_producer, send_batched, topic_partitions
+from stream_app.kafka.partitioning import key_hash, partition_for_user
 from stream_app.ops import metrics
 from stream_app.ops.settings import Settings
 from stream_app.worker.topics import Topics
@@ -124,16 +125,30 @@ class Output:
         if pending:
             await asyncio.gather(*pending)
 
-    async def delta(self, delta: Delta, *, redelivery: bool = False) -> Awaitable[Any]:
-        """Hand a delta to the producer; the result completes when the broker has stored it."""
-        metrics.DELTAS.labels("redelivery" if redelivery else "new").inc()
-        if not redelivery:
-            # Freshness: how long after its newest event a profile change reaches subscribers.
-            metrics.DELTA_LAG.observe(max(0.0, time.time() - delta["as_of"]))
-        user_id = self.outgoing_user_id(delta["user_id"])
-        if user_id != delta["user_id"]:
-            delta = {**delta, "user_id": user_id}
-        return await self.app.producer.send(self.deltas_topic, user_id.encode(), orjson.dumps(delta), None, None, None)
+    async def deltas(self, deltas: Sequence[tuple[Delta, bool]]) -> list[Awaitable[Any]]:
+        """Hand a round's (delta, is_redelivery) pairs to the producer in one batch per partition, keyed and
+        partitioned by the outgoing user id as a plain send would be; the results complete when the broker has
+        stored them."""
+        if not deltas:
+            return []
+        redelivered = sum(1 for _, again in deltas if again)
+        metrics.DELTAS.labels("redelivery").inc(redelivered)  # once per round: this path runs per user
+        metrics.DELTAS.labels("new").inc(len(deltas) - redelivered)
+        now = time.time()
+        for delta, again in deltas:
+            if not again:
+                # Freshness: how long after its newest event a profile change reaches subscribers.
+                metrics.DELTA_LAG.observe(max(0.0, now - delta["as_of"]))
+        producer = aiokafka_producer(self.app.producer)
+        partitions = await topic_partitions(producer, self.deltas_topic)
+        records = []
+        for delta, _ in deltas:
+            user_id = self.outgoing_user_id(delta["user_id"])
+            if user_id != delta["user_id"]:
+                delta = {**delta, "user_id": user_id}
+            key = user_id.encode()
+            records.append((key_hash(key) % partitions, key, orjson.dumps(delta)))
+        return list(await send_batched(producer, self.deltas_topic, records))
 
     async def dead_letter(self, message: Message, rejection: Rejection) -> Awaitable[Any]:
         """The original bytes, untouched unless they exceed one record (`bounded_dead_letter`), with where they

@@ -20,10 +20,59 @@ from stream_app.worker.app import WorkerApp, build_worker
 
 
 def stored(*_args: Any, **_kwargs: Any) -> asyncio.Future[None]:
-    """What Output.delta returns: a send the broker has already acknowledged."""
+    """A send the broker has already acknowledged."""
     done = asyncio.get_running_loop().create_future()
     done.set_result(None)
     return done
+
+
+def all_stored(*_args: Any, **_kwargs: Any) -> list[asyncio.Future[None]]:
+    """What Output.deltas returns when the broker has acknowledged every batch."""
+    return [stored()]
+
+
+class RecordedBatch:
+    def __init__(self) -> None:
+        self.records: list[tuple[bytes | None, bytes]] = []
+
+    def append(self, *, key: bytes | None, value: bytes, timestamp: None) -> object:
+        self.records.append((key, value))
+        return self
+
+    def record_count(self) -> int:
+        return len(self.records)
+
+
+class BatchProducer:
+    """The aiokafka producer under Faust's, as `send_batched` uses it, without a broker: every record of a batch
+    goes to `send(topic, key, value, partition, timestamp, headers)` (the signature of Faust's Producer.send),
+    and the batch's future is the records' futures together."""
+
+    def __init__(self, send: Callable[..., Any], partitions: int) -> None:
+        self.send = send
+        self.client = MagicMock(_wait_on_metadata=AsyncMock())
+        self.client.cluster.partitions_for_topic.return_value = set(range(partitions))
+
+    def create_batch(self) -> RecordedBatch:
+        return RecordedBatch()
+
+    async def send_batch(self, batch: RecordedBatch, topic: str, *, partition: int) -> asyncio.Future[Any]:
+        sent = []
+        for key, value in batch.records:
+            result = self.send(topic, key, value, partition, None, None)
+            sent.append(await result if asyncio.iscoroutine(result) else result)
+        return asyncio.ensure_future(asyncio.gather(*sent))
+
+
+def batch_sends(worker: WorkerApp, send: Callable[..., Any]) -> Any:
+    """Patch the worker's batched sends (table writes, deltas) to go record by record to `send`."""
+    producer = BatchProducer(send, worker.settings.partitions)
+    return patch.object(worker.app.producer, "_ensure_producer", return_value=producer)
+
+
+def published(deltas: AsyncMock) -> list[dict[str, Any]]:
+    """The deltas handed to a patched Output.deltas, in order."""
+    return [delta for call in deltas.await_args_list for delta, _ in call.args[0]]
 
 
 def make_worker(encoder: FakeEncoder | None = None, **settings: Any) -> WorkerApp:
@@ -44,8 +93,8 @@ def record_outputs(worker: WorkerApp) -> Iterator[dict[str, Any]]:
     go to the producer (`ProfileTable.write_many`), a write outside an agent through Faust's `send_changelog`."""
     with patch.object(worker.output, "events", new_callable=AsyncMock) as events, \
          patch.object(worker.output, "dead_letter", new_callable=AsyncMock) as dlq, \
-         patch.object(worker.output, "delta", new_callable=AsyncMock, side_effect=stored) as deltas, \
-         patch.object(worker.app.producer, "send", new_callable=AsyncMock, side_effect=stored) as changelog_sends, \
+         patch.object(worker.output, "deltas", new_callable=AsyncMock, side_effect=all_stored) as deltas, \
+         batch_sends(worker, changelog_sends := MagicMock(side_effect=stored)), \
          patch.object(worker.profiles, "send_changelog") as changelog:
         changelog.return_value.message.partition = 0
         yield {"events": events, "dlq": dlq, "deltas": deltas, "changelog": changelog_sends}
@@ -84,7 +133,7 @@ async def test_profiles_agent_updates_table_and_publishes_versioned_deltas(worke
         await agent.put(bundle("e1", 0.0))
         await agent.put(bundle("e1", 0.0))  # duplicate delivery
         await agent.put(bundle("e2", 604800.0))
-    deltas = [call.args[0] for call in sent["deltas"].await_args_list]
+    deltas = published(sent["deltas"])
     # The duplicate re-emits the delta that counted it (v1) instead of making a new version.
     assert [(d["version"], d["event_ids"]) for d in deltas] == [(1, ["e1"]), (1, ["e1"]), (2, ["e2"])]
     assert worker.profiles["u1"]["version"] == 2
@@ -134,20 +183,20 @@ async def test_a_delta_is_published_only_after_its_table_write_is_stored(worker:
         writes.append(PendingWrite())
         return writes[-1]
 
-    def publish(*args: Any, **kwargs: Any) -> asyncio.Future[None]:
+    def publish(*args: Any, **kwargs: Any) -> list[asyncio.Future[None]]:
         writes_stored_when_published.append(all(write.done() for write in writes))
-        return stored()
+        return all_stored()
 
     event = Event("e1", "u1", 0.0, "click", item_id="i")
-    with patch.object(worker.output, "delta", new_callable=AsyncMock, side_effect=publish) as deltas, \
-         patch.object(worker.app.producer, "send", side_effect=send_changelog):  # only the table uses it here
+    with patch.object(worker.output, "deltas", new_callable=AsyncMock, side_effect=publish) as deltas, \
+         batch_sends(worker, send_changelog):  # only the table uses it here
         async with worker.agents["update_profiles"].test_context() as agent:
             await agent.put(encode_bundle([event]), wait=False)
             await until(lambda: writes)
             writes[0].set_result(None)
             await until(lambda: deltas.await_count == 1)
     assert writes_stored_when_published == [True]
-    assert deltas.await_args is not None and deltas.await_args.args[0]["version"] == 1
+    assert [delta["version"] for delta in published(deltas)] == [1]
 
 
 def review(index: int, text: str | None = None) -> bytes:
@@ -273,7 +322,7 @@ async def test_a_failed_table_write_or_delta_fails_the_profile_batch(refused: st
 
     agent = worker.agents["update_profiles"]
     agent.add_sink(count)
-    with patch.object(worker.app.producer, "send", side_effect=send):
+    with batch_sends(worker, send):
         async with agent.test_context(on_error=on_error) as running:
             await running.put(encode_bundle([Event("e1", "u1", 0.0, "click", item_id="i")]), wait=False)
             await until(lambda: errors)
@@ -290,11 +339,11 @@ async def test_batched_table_writes_are_the_records_faust_would_write(worker: Wo
     from faust.serializers import codecs
 
     value = {"user_id": "u1", "version": 3, "activity": {"click": 1.5}, "seen": {"e1": 3}, "embedding_num": None}
-    with patch.object(worker.app.producer, "send", new_callable=AsyncMock, side_effect=stored) as send:
+    with batch_sends(worker, send := MagicMock(side_effect=stored)):
         await worker.profiles.write_many({"u1": value, "user-two": value}, {"user-two": orjson.dumps(value)})
         await worker.profiles.confirm_writes()
     partitions = list(range(worker.settings.partitions))
-    for call, key in zip(send.await_args_list, ("u1", "user-two"), strict=True):
+    for call, key in zip(send.call_args_list, ("u1", "user-two"), strict=True):
         topic, sent_key, sent_value, partition = call.args[:4]
         assert topic == worker.profiles.changelog_topic.get_topic_name()
         assert sent_key == key.encode()
@@ -326,5 +375,24 @@ async def test_without_message_sensors_the_agents_work_and_no_per_message_hook_r
         async with worker.agents["update_profiles"].test_context() as agent:
             await agent.put(encode_bundle([Event("e1", "u1", 0.0, "click", item_id="i")]))
     worker.encoder.stop()
-    assert [call.args[0]["version"] for call in sent["deltas"].await_args_list] == [1]
+    assert [delta["version"] for delta in published(sent["deltas"])] == [1]
     assert not {name for name, *_ in sensor.method_calls} & set(PER_MESSAGE_HOOKS)
+
+
+async def test_deltas_leave_in_one_batch_per_partition_keyed_and_partitioned_as_a_plain_send(worker: WorkerApp) -> None:
+    from aiokafka.partitioner import DefaultPartitioner
+
+    deltas = [({"user_id": f"user-{i}", "version": 1, "as_of": 0.0, "event_ids": [f"e{i}"]}, i % 3 == 0)
+              for i in range(40)]
+    with batch_sends(worker, send := MagicMock(side_effect=stored)):
+        futures = await worker.output.deltas(deltas)
+        await asyncio.gather(*futures)
+    partitions = list(range(worker.settings.partitions))
+    sent = {call.args[1]: call.args for call in send.call_args_list}
+    assert len(send.call_args_list) == len(sent) == 40
+    assert len(futures) == len({args[3] for args in sent.values()}) > 1  # one future per partition batch
+    for delta, _ in deltas:
+        topic, key, value, partition = sent[str(delta["user_id"]).encode()][:4]
+        assert topic == worker.topics.profile_deltas.get_topic_name()
+        assert orjson.loads(value) == delta
+        assert partition == DefaultPartitioner()(key, partitions, partitions)

@@ -22,7 +22,7 @@ from stream_app.core.profile import ProfileState, apply
 from stream_app.encoding.encoder import Encoded, FakeEncoder
 from stream_app.worker import health
 from stream_app.worker.app import WorkerApp
-from tests.agents.test_agents import forwarded, make_worker, record_outputs, until
+from tests.agents.test_agents import forwarded, make_worker, published, record_outputs, until
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ async def test_one_users_failing_fold_is_dead_lettered_and_the_rest_of_the_batch
     assert letters[2][2].startswith("not a by-user event bundle: JSONDecodeError")
     assert len(letters) == 3
     # u1's events count, in versions 1 and 2; u2's profile is exactly what it was.
-    deltas = [call.args[0] for call in sent["deltas"].await_args_list]
+    deltas = published(sent["deltas"])
     assert [(d["user_id"], d["version"], d["event_ids"]) for d in deltas] == [("u1", 1, ["g1"]), ("u1", 2, ["g2"])]
     assert worker.profiles["u2"] == before
 
