@@ -7,8 +7,11 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from schemas.events import Event, event_from_trusted_doc
+from stream_app.core import limits
 from stream_app.core.fold import fold_batch
 from stream_app.core.limits import delta_budget, json_size, split_rounds
 from stream_app.core.profile import ProfileParams, ProfileState, ProfileTooLarge, apply, bound_record
@@ -115,3 +118,37 @@ def test_a_dead_letter_over_the_limit_keeps_a_prefix_and_its_original_size() -> 
     key, cut, sent_headers = bounded_dead_letter(b"k" * 2 * LIMIT, value, headers, LIMIT)
     assert dict(sent_headers)["dlq.original_key_size"] == str(2 * LIMIT).encode()
     assert record_size(key, cut, sent_headers) <= LIMIT
+
+
+_TEXT = st.text(st.characters(codec="utf-8"), min_size=1, max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    events=st.lists(st.tuples(_TEXT, st.one_of(st.none(), _TEXT), st.one_of(st.none(), _TEXT),
+                              st.one_of(st.none(), st.integers(1, 400))), min_size=1, max_size=12),
+    stored=st.dictionaries(st.sampled_from(["interests", "keywords"]), st.dictionaries(_TEXT, st.just(1.0),
+                                                                                         max_size=5)),
+    budget=st.integers(1_500, 12_000),
+)
+def test_the_quick_bound_never_changes_how_a_users_events_are_cut(
+        events: list[tuple[str, str | None, str | None, int | None]], stored: dict[str, Any], budget: int) -> None:
+    # Budgets near one event's estimate (~1.1-12 KB), so that both the quick path and the exact cut are taken.
+    batch = [Event(f"e{i}-{eid}", "u1", 1.7e9 + i, "search" if query else "click", category=category,
+                   query=query, embedding=[0.5] * dims if dims else None)
+             for i, (eid, category, query, dims) in enumerate(events)]
+    user_bytes = max(json_size("u1"), limits._PSEUDONYM)
+    assert limits.user_chunks("u1", batch, stored, budget) == limits._exact_chunks(user_bytes, batch, stored, budget)
+
+
+def test_the_quick_bound_is_at_least_the_exact_estimate_for_escaped_and_wide_text() -> None:
+    # Control characters become 6-byte escapes, CJK and emoji 3-4 UTF-8 bytes: the bound covers both.
+    events = [Event("e\x01\x02", "u1", 1.7e9, "click", category="\x1f" * 30),
+              Event("e2", "u1", 1.7e9, "search", query="😀😀 漢字漢字 \x07\x07 plain")]
+    stored = {"keywords": {"\x00" * 20: 1.0}, "interests": {"ü" * 10: 1.0}}
+    estimate = limits._DeltaEstimate(max(json_size("u1"), limits._PSEUDONYM), {
+        name: max((json_size(k) for k in stored[name]), default=0) for name in ("interests", "keywords")})
+    for event in events:
+        size, new_keys, max_key = estimate.size_with(event)
+        estimate.add(event, new_keys, max_key)
+    assert limits._loose_size(max(json_size("u1"), limits._PSEUDONYM), events, stored) >= size
