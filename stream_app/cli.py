@@ -147,7 +147,10 @@ def _cmd_train_sentiment(args: argparse.Namespace) -> int:
             class_weight_power=(defaults.class_weight_power if args.class_weight_power is None
                                 else args.class_weight_power),
             drug_train_fraction=(defaults.drug_train_fraction if args.drug_train_fraction is None
-                                 else args.drug_train_fraction))
+                                 else args.drug_train_fraction),
+            query_top=defaults.query_top if args.query_top is None else args.query_top,
+            head_embedding=defaults.head_embedding if args.head_embedding is None else args.head_embedding,
+            ema_decay=defaults.ema_decay if args.ema_decay is None else args.ema_decay)
         report = branch_training.train(out, limit=args.limit, progress=not args.quiet, config=config,
                                        device=args.device,
                                        cache_dir=Path(args.cache_dir) if args.cache_dir else None)
@@ -245,6 +248,12 @@ def parser() -> argparse.ArgumentParser:
                        help="class weights = inverse class frequency to this power")
     train.add_argument("--drug-train-fraction", type=float, default=None,
                        help="share of the drug reviews to train on (0: keep them out of domain)")
+    train.add_argument("--query-top", action=argparse.BooleanOptionalAction, default=None,
+                       help="the top branch layer computes one pooled query only (attention pooling)")
+    train.add_argument("--head-embedding", action=argparse.BooleanOptionalAction, default=None,
+                       help="the head also reads the profile embedding")
+    train.add_argument("--ema-decay", type=float, default=None,
+                       help="keep (and choose the epoch on) a moving average of the weights; 0: off")
     train.add_argument("--rescore", default=None, metavar="FILE",
                        help="do not train: score a branch file trained elsewhere (e.g. on a GPU) with this "
                             "machine's encoder on the held-out data and write it, stamped for this model, to --out")

@@ -209,7 +209,8 @@ class BertEncoder:
         embeddings, shared, mask = self.run(inputs, self.branch.input_layer if self.branch is not None else None)
         if self.branch is not None and shared is not None:
             with torch.inference_mode(), self._autocast():
-                logits = self.branch.logits(shared, mask)
+                logits = self.branch.logits(shared, mask, embeddings.to(self.device, non_blocking=True)
+                                            if self.branch.head_embedding else None)
             return embeddings, self.branch.score(logits).cpu()
         if self.sentiment is None:
             raise RuntimeError("encoder has neither a sentiment branch nor a head")

@@ -2,8 +2,10 @@
 
 The encoder runs all its layers once per forward batch, as before, for the profile embedding (so the embedding
 is exactly the plain model's). The branch takes the hidden states *below* its layers, which that same pass
-already computed, runs its own fine-tuned copy of the top layer(s), mean-pools and classifies into
-negative / neutral / positive. One resident model, one pass over the shared layers, k extra layers of compute.
+already computed, runs its own fine-tuned copy of the top layer(s), pools (a mean, or with `query_top` the top
+copy computed for one pooled query: attention pooling at a sixth of a layer's cost) and classifies into
+negative / neutral / positive. One resident model, one pass over the shared layers, up to k extra layers of
+compute.
 
 The score is P(positive) - P(negative) after temperature scaling, in [-1, 1].
 
@@ -27,6 +29,11 @@ from torch import nn
 from stream_app.encoding.sentiment import CLASSES
 
 FORMAT = "stream-app/sentiment-branch/1"
+# Format 2: the header also says whether the top branch layer is a `QueryLayer` and whether the head reads the
+# profile embedding too. A format-1 reader must refuse such a file: its tensors have format 1's names and shapes
+# (query layer) but mean something else.
+FORMAT_2 = "stream-app/sentiment-branch/2"
+FORMATS = (FORMAT, FORMAT_2)
 DEFAULT_BRANCH_PATH = Path(__file__).with_name("sentiment_branch.safetensors")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -123,17 +130,55 @@ class BranchLayer(nn.Module):
         return copy
 
 
+class QueryLayer(BranchLayer):
+    """A BERT layer computed for one query only (attention pooling): keys and values for every token, but the
+    query, the attention output and the feed-forward part only for the masked mean of the tokens. Same weights
+    as a `BranchLayer` (copied from the model's top layer it is that layer applied to the mean token), about a
+    sixth of a full layer's compute: the K/V projections are 2 of a layer's 12 d^2 multiply-adds per token."""
+
+    def pool(self, hidden: torch.Tensor, keep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(batch, d): the layer's output for the pooled query."""
+        batch, tokens, width = hidden.shape
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        mean = (hidden * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp(min=1.0)
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, x.shape[1], self.heads, width // self.heads).transpose(1, 2)
+
+        attended = nn.functional.scaled_dot_product_attention(
+            split(self.query(mean)), split(self.key(hidden)), split(self.value(hidden)), attn_mask=keep,
+            dropout_p=self.dropout.p if self.training else 0.0,
+        ).transpose(1, 2).reshape(batch, 1, width)
+        pooled = self.attention_norm(self.dropout(self.attention_out(attended)) + mean)
+        expanded = nn.functional.gelu(self.intermediate(pooled))
+        return self.output_norm(self.dropout(self.output(expanded)) + pooled).squeeze(1)
+
+
+# The profile embedding is L2-normalised (entries ~0.05); scaled by sqrt(d) its entries are of the order of the
+# branch's pooled hidden state's, so one head learning rate and weight decay suit both halves of the head input.
+def embedding_scale(shape: BaseShape) -> float:
+    return math.sqrt(shape.hidden_size)
+
+
 class SentimentBranch(nn.Module):
     temperature: torch.Tensor
 
-    def __init__(self, shape: BaseShape, branch_layers: int, *, dropout: float = 0.0) -> None:
+    def __init__(self, shape: BaseShape, branch_layers: int, *, query_top: bool = False,
+                 head_embedding: bool = False, dropout: float = 0.0) -> None:
+        """`query_top`: the top branch layer is a `QueryLayer` (attention pooling) instead of a full layer and
+        a mean pool. `head_embedding`: the head reads the profile embedding (computed anyway) next to the
+        branch's pooled output."""
         super().__init__()
         if not 1 <= branch_layers <= shape.num_hidden_layers:
             raise SentimentBranchError(f"branch_layers must be 1..{shape.num_hidden_layers}, got {branch_layers}")
         self.shape = shape
         self.branch_layers = branch_layers
-        self.layers = nn.ModuleList(BranchLayer(shape, dropout) for _ in range(branch_layers))
-        self.head = nn.Linear(shape.hidden_size, len(CLASSES))
+        self.query_top = query_top
+        self.head_embedding = head_embedding
+        self.layers = nn.ModuleList(
+            (QueryLayer if query_top and i == branch_layers - 1 else BranchLayer)(shape, dropout)
+            for i in range(branch_layers))
+        self.head = nn.Linear(shape.hidden_size * (2 if head_embedding else 1), len(CLASSES))
         self.head_dropout = nn.Dropout(dropout)
         # Fitted after training on held-out data so that probabilities (and the score) are calibrated.
         self.register_buffer("temperature", torch.ones(()))
@@ -144,13 +189,24 @@ class SentimentBranch(nn.Module):
         """Index into the encoder's hidden_states tuple (0 = embeddings) that the branch reads."""
         return self.shape.num_hidden_layers - self.branch_layers
 
-    def logits(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Uncalibrated logits from the shared hidden states below the branch; mask (batch, tokens) 0/1."""
+    def logits(self, hidden: torch.Tensor, mask: torch.Tensor, embedding: torch.Tensor | None = None,
+               ) -> torch.Tensor:
+        """Uncalibrated logits from the shared hidden states below the branch; mask (batch, tokens) 0/1;
+        `embedding` (batch, d): the profile embedding, needed when the head reads it."""
         keep = mask.bool()[:, None, None, :]
-        for layer in self.layers:
+        full = self.layers[:-1] if self.query_top else self.layers
+        for layer in full:
             hidden = layer(hidden, keep)
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        top = self.layers[-1]
+        if isinstance(top, QueryLayer):
+            pooled = top.pool(hidden, keep, mask)
+        else:
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        if self.head_embedding:
+            if embedding is None:
+                raise ValueError("this branch's head reads the profile embedding: pass it")
+            pooled = torch.cat([pooled, embedding.to(pooled.dtype) * embedding_scale(self.shape)], dim=-1)
         return self.head(self.head_dropout(pooled))
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
@@ -161,12 +217,15 @@ class SentimentBranch(nn.Module):
         return (p[:, CLASSES.index("positive")] - p[:, CLASSES.index("negative")]).clamp(-1.0, 1.0)
 
     @classmethod
-    def from_base_model(cls, model: Any, branch_layers: int, *, dropout: float = 0.0) -> SentimentBranch:
+    def from_base_model(cls, model: Any, branch_layers: int, *, query_top: bool = False,
+                        head_embedding: bool = False, dropout: float = 0.0) -> SentimentBranch:
         """A branch initialised as an exact copy of the model's top layer(s) and a zero head."""
         shape = BaseShape.from_config(model.config)
-        branch = cls(shape, branch_layers, dropout=dropout)
+        branch = cls(shape, branch_layers, query_top=query_top, head_embedding=head_embedding, dropout=dropout)
         top = list(model.encoder.layer)[shape.num_hidden_layers - branch_layers:]
-        branch.layers = nn.ModuleList(BranchLayer.from_bert_layer(layer, shape, dropout) for layer in top)
+        branch.layers = nn.ModuleList(
+            (QueryLayer if query_top and i == len(top) - 1 else BranchLayer).from_bert_layer(layer, shape, dropout)
+            for i, layer in enumerate(top))
         nn.init.zeros_(branch.head.weight)
         nn.init.zeros_(branch.head.bias)
         return branch
@@ -182,6 +241,9 @@ class SentimentBranch(nn.Module):
             "base_fingerprint": fingerprint, "base_shape": json.dumps(self.shape.__dict__),
             "metadata": json.dumps(self.metadata, sort_keys=True),
         }
+        if self.query_top or self.head_embedding:
+            header.update(format=FORMAT_2, query_top=str(int(self.query_top)),
+                          head_embedding=str(int(self.head_embedding)))
         save_file(tensors, str(path), metadata=header)
 
     @classmethod
@@ -190,7 +252,7 @@ class SentimentBranch(nn.Module):
         from safetensors.torch import load_file
 
         header = read_header(path, model_dir, fingerprint=fingerprint)
-        branch = cls(BaseShape.from_model_dir(model_dir), int(header["branch_layers"]))
+        branch = cls.for_header(header, BaseShape.from_model_dir(model_dir))
         tensors = load_file(str(path))
         temperature = tensors.pop("temperature").reshape(())
         expected = {k: v.shape for k, v in branch.state_dict().items() if k != "temperature"}
@@ -205,6 +267,13 @@ class SentimentBranch(nn.Module):
         branch.metadata = json.loads(header.get("metadata", "{}"))
         return branch.eval()
 
+    @classmethod
+    def for_header(cls, header: dict[str, str], shape: BaseShape) -> SentimentBranch:
+        """An untrained branch of the architecture a weights file's header describes (format 1: the plain one)."""
+        extended = header.get("format") == FORMAT_2
+        return cls(shape, int(header["branch_layers"]), query_top=extended and header.get("query_top") == "1",
+                   head_embedding=extended and header.get("head_embedding") == "1")
+
 
 def read_header(path: Path, model_dir: Path, *, fingerprint: str | None = None) -> dict[str, str]:
     """The file's header, checked against the model without loading any tensor (cheap: for start-up checks)."""
@@ -218,8 +287,8 @@ def read_header(path: Path, model_dir: Path, *, fingerprint: str | None = None) 
             header = dict(handle.metadata() or {})
     except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
         raise SentimentBranchError(f"{path} is not a readable safetensors file: {exc}") from exc
-    if header.get("format") != FORMAT:
-        raise SentimentBranchError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
+    if header.get("format") not in FORMATS:
+        raise SentimentBranchError(f"{path}: format {header.get('format')!r}, expected one of {list(FORMATS)}")
     if json.loads(header.get("classes", "[]")) != list(CLASSES):
         raise SentimentBranchError(f"{path}: classes {header.get('classes')}, expected {list(CLASSES)}")
     shape = BaseShape.from_model_dir(model_dir)

@@ -41,7 +41,8 @@ from stream_app.encoding.sentiment_branch_training import (
     womens_corpus,
 )
 
-BASE = TrainConfig(branch_layers=1, epochs=4, layer_lr=1e-4, polar_weight=0.0, drug_train_fraction=0.0)
+BASE = TrainConfig(branch_layers=1, epochs=4, layer_lr=1e-4, polar_weight=0.0, drug_train_fraction=0.0,
+                   query_top=False, head_embedding=False, ema_decay=0.0)
 GRID: dict[str, TrainConfig] = {
     "base": BASE,
     "lr2e-4_e6": replace(BASE, epochs=6, layer_lr=2e-4),
@@ -54,10 +55,29 @@ GRID: dict[str, TrainConfig] = {
     "2l_polar_drugs": replace(BASE, branch_layers=2, epochs=6, layer_lr=2e-4, polar_weight=1.0,
                               drug_train_fraction=0.4),
 }
+# Second grid (docs/sentiment.md, "Second attempt at 0.90"): cheaper two-layer branches whose top layer computes
+# one pooled query only (`QueryLayer`), the profile embedding beside the branch output in the head, and an
+# exponential moving average of the weights.
+POLAR = replace(BASE, epochs=6, layer_lr=2e-4, polar_weight=1.0)
+GRID.update({
+    "q2_polar": replace(POLAR, branch_layers=2, query_top=True),
+    "q2_polar_drugs": replace(POLAR, branch_layers=2, query_top=True, drug_train_fraction=0.4),
+    "q2_polar_drugs_emb": replace(POLAR, branch_layers=2, query_top=True, head_embedding=True,
+                                  drug_train_fraction=0.4),
+    "q2_polar_drugs_ema": replace(POLAR, branch_layers=2, query_top=True, ema_decay=0.999, drug_train_fraction=0.4),
+    "q2_polar_drugs_e8": replace(POLAR, branch_layers=2, query_top=True, epochs=8, layer_lr=3e-4,
+                                 drug_train_fraction=0.4),
+    "polar_drugs_emb": replace(POLAR, head_embedding=True, drug_train_fraction=0.4),
+    "polar_drugs_ema": replace(POLAR, ema_decay=0.999, drug_train_fraction=0.4),
+    "polar_emb": replace(POLAR, head_embedding=True),
+})
 
 
-def scores(branch: Any, states: SharedStates, labels: list[int], indices: list[int]) -> dict[str, Any]:
+def scores(branch: Any, states: SharedStates, labels: list[int], indices: list[int],
+           keep_logits: list[torch.Tensor] | None = None) -> dict[str, Any]:
     logits = branch_logits(branch, states, indices)
+    if keep_logits is not None:
+        keep_logits.append(logits)
     p = branch.probabilities(logits.to(branch.temperature.device)).cpu()
     actual = [labels[i] for i in indices]
     result = evaluate(p.argmax(dim=1).tolist(), (p[:, POSITIVE] > p[:, NEGATIVE]).tolist(), actual)
@@ -101,19 +121,25 @@ def main(out_dir: Path, device: str, names: list[str], limit: int | None, keep: 
         branch = branch.to(device)  # evaluation where the states are
         womens_val = [i for i in data.val_idx if i < len(womens.texts)]
         drug_val = data.drug_val
-        validation = {"womens": scores(branch, layer_states[womens.name], womens.labels, womens_val)}
+        kept: dict[str, list[torch.Tensor]] = {k: [] for k in ("val", "drug_val", "test", "drug_test", "tweets")}
+        validation = {"womens": scores(branch, layer_states[womens.name], womens.labels, womens_val, kept["val"])}
         if drug_val:
-            validation["drugs"] = scores(branch, layer_states[drugs.name], drugs.labels, drug_val)
+            validation["drugs"] = scores(branch, layer_states[drugs.name], drugs.labels, drug_val, kept["drug_val"])
         rank = validation["womens"]["selection"]
         results[name] = {
             "config": config.as_dict(), "training": training, "validation": validation,
             "rank_key_validation_selection": rank,
-            "test_womens": scores(branch, layer_states[womens.name], womens.labels, data.test_idx),
-            "test_drugs_common_half": scores(branch, layer_states[drugs.name], drugs.labels, common_drug_test),
-            "tweets": scores(branch, layer_states[tweets.name], tweets.labels, list(range(len(tweets.texts)))),
+            "test_womens": scores(branch, layer_states[womens.name], womens.labels, data.test_idx, kept["test"]),
+            "test_drugs_common_half": scores(branch, layer_states[drugs.name], drugs.labels, common_drug_test,
+                                             kept["drug_test"]),
+            "tweets": scores(branch, layer_states[tweets.name], tweets.labels, list(range(len(tweets.texts))),
+                             kept["tweets"]),
             "seconds": round(time.perf_counter() - t0, 1),
         }
         branches[name] = branch.cpu()
+        # Uncalibrated logits (temperature in the file) of every evaluated set, for analyses after the run.
+        torch.save({"temperature": float(branch.temperature), "womens_val": womens_val, "drug_val": drug_val,
+                    **{k: v[0] for k, v in kept.items() if v}}, out_dir / f"logits-{name}.pt")
         # Written as it goes (a time limit may stop the grid): the summary so far, and the weights of the
         # best `keep` configurations so far by validation.
         ranking = sorted(results, key=lambda n: -results[n]["rank_key_validation_selection"])

@@ -15,12 +15,16 @@ from stream_app.encoding.bert_encoder import BertEncoder, EncoderConfigurationEr
 from stream_app.encoding.sentiment import CLASSES, SentimentHead
 from stream_app.encoding.sentiment_branch import (
     DEFAULT_BRANCH_PATH,
+    FORMAT,
+    FORMAT_2,
+    QueryLayer,
     SentimentBranch,
     SentimentBranchError,
     model_fingerprint,
 )
 from stream_app.encoding.sentiment_branch_training import (
     SharedStates,
+    TrainConfig,
     binary_macro_f1,
     branch_logits,
     compute_shared_states,
@@ -68,7 +72,7 @@ def fresh_branch_file(tmp_path_factory: pytest.TempPathFactory, plain_encoder: B
 
 def test_the_worker_uses_the_committed_branch(real_encoder: BertEncoder) -> None:
     assert real_encoder.branch is not None and real_encoder.sentiment is None
-    assert DEFAULT_BRANCH_PATH.stat().st_size < 8 * 1024 * 1024  # fp16: one MiniLM layer is ~3.6 MB
+    assert DEFAULT_BRANCH_PATH.stat().st_size < 8 * 1024 * 1024  # fp16: two MiniLM layers are ~7.1 MB
 
 
 def test_copied_layer_reproduces_the_models_top_layer_exactly(plain_encoder: BertEncoder) -> None:
@@ -81,6 +85,29 @@ def test_copied_layer_reproduces_the_models_top_layer_exactly(plain_encoder: Ber
                                   inputs.attention_mask.bool()[:, None, None, :])
     real = inputs.attention_mask.bool()
     assert torch.allclose(copied[real], output.last_hidden_state.float()[real], atol=1e-4)
+
+
+def test_query_layer_is_the_top_layer_for_the_mean_token(plain_encoder: BertEncoder) -> None:
+    """Copied from the top layer, the query-only layer gives what that layer gives a token whose input is the
+    tokens' mean: exactly so when every token is that mean; and padding changes nothing."""
+    inputs = plain_encoder.collate(plain_encoder.tokenize(REVIEWS))
+    query = SentimentBranch.from_base_model(plain_encoder.model, 2, query_top=True).float().layers[1]
+    assert isinstance(query, QueryLayer)
+    full = SentimentBranch.from_base_model(plain_encoder.model, 1).float()
+    mask = inputs.attention_mask
+    with torch.inference_mode():
+        hidden = plain_encoder.model(input_ids=inputs.input_ids, attention_mask=mask,
+                                     output_hidden_states=True).hidden_states[5].float()
+        weights = mask.unsqueeze(-1).float()
+        mean = (hidden * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True)
+        flat = mean.expand_as(hidden).contiguous()
+        keep = mask.bool()[:, None, None, :]
+        pooled = query.pool(flat, keep, mask)
+        reference = full.layers[0](flat, keep)[:, 0]
+        assert torch.allclose(pooled, reference, atol=1e-4)
+        alone = query.pool(hidden[3:4, : int(mask[3].sum())], keep[3:4, ..., : int(mask[3].sum())],
+                           mask[3:4, : int(mask[3].sum())])
+        assert torch.allclose(query.pool(hidden, keep, mask)[3:4], alone, atol=1e-5)
 
 
 def test_embedding_with_the_branch_equals_the_plain_models(real_encoder: BertEncoder,
@@ -183,6 +210,35 @@ def test_a_branch_from_a_fresh_file_loads_and_scores(fresh_branch_file: Path) ->
     assert all(-1.0 <= r.sentiment <= 1.0 for r in encoder.encode(REVIEWS))
 
 
+@pytest.mark.parametrize(("query_top", "head_embedding"), [(True, False), (True, True), (False, True)])
+def test_query_and_embedding_branches_round_trip_with_format_2(tmp_path: Path, plain_encoder: BertEncoder,
+                                                               query_top: bool, head_embedding: bool) -> None:
+    torch.manual_seed(0)
+    branch = SentimentBranch.from_base_model(plain_encoder.model, 2, query_top=query_top,
+                                             head_embedding=head_embedding)
+    torch.nn.init.normal_(branch.head.weight, std=0.5)
+    path = tmp_path / "branch.safetensors"
+    branch.save(path, fingerprint=model_fingerprint(plain_encoder.model_dir))
+    encoder = BertEncoder(sentiment_branch=path, warm_up=False, threads=2, precision="fp32")
+    assert encoder.branch is not None
+    assert (encoder.branch.query_top, encoder.branch.head_embedding) == (query_top, head_embedding)
+    scores = [r.sentiment for r in encoder.encode(REVIEWS + EXTREME)]
+    assert all(math.isfinite(s) and -1.0 <= s <= 1.0 for s in scores)
+    states = compute_shared_states(encoder, REVIEWS, encoder.branch.input_layer, progress=False)
+    from_cache = encoder.branch.score(branch_logits(encoder.branch, states, range(len(REVIEWS))))
+    assert torch.allclose(from_cache, torch.tensor(scores[: len(REVIEWS)]), atol=2e-3)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.metadata()["format"] == FORMAT_2
+    # A format-1 file is the plain architecture: a 768-wide head in one is refused, not misread.
+    if head_embedding:
+        broken = tmp_path / "as-format-1.safetensors"
+        _rewrite_header(path, broken, format=FORMAT, head_embedding="0")
+        with pytest.raises(SentimentBranchError, match="tensors do not match"):
+            BertEncoder(sentiment_branch=broken, warm_up=False)
+
+
 def test_training_reads_the_same_hidden_states_the_worker_scores(real_encoder: BertEncoder) -> None:
     """No train/serve skew: logits from the cached shared states equal the encoder's own forward pass."""
     branch = real_encoder.branch
@@ -201,8 +257,28 @@ def test_training_is_reproducible(plain_encoder: BertEncoder) -> None:
     rows = womens_reviews(48)
     states = compute_shared_states(plain_encoder, [r["Review Text"] for r in rows], 5, progress=False)
     labels = torch.tensor([label_of_rating(int(r["Rating"])) for r in rows])
-    runs = [train_branch(plain_encoder.model, states, labels, list(range(40)), list(range(40, 48)),
-                         branch_layers=1, epochs=1, progress=False) for _ in range(2)]
+    plain = TrainConfig(branch_layers=1, epochs=1, query_top=False, head_embedding=False, ema_decay=0.0)
+    runs = [train_branch(plain_encoder.model, states, labels, list(range(40)), list(range(40, 48)), config=plain,
+                         progress=False) for _ in range(2)]
+    _assert_same_runs(runs)
+
+
+def test_training_a_query_branch_with_averaged_weights_is_reproducible(plain_encoder: BertEncoder) -> None:
+    from stream_app.encoding.sentiment import label_of_rating
+    from stream_app.tools.sample_data import womens_reviews
+
+    rows = womens_reviews(48)
+    states = compute_shared_states(plain_encoder, [r["Review Text"] for r in rows], 4, progress=False)
+    labels = torch.tensor([label_of_rating(int(r["Rating"])) for r in rows])
+    config = TrainConfig(branch_layers=2, epochs=2, query_top=True, head_embedding=True, ema_decay=0.9)
+    runs = [train_branch(plain_encoder.model, states, labels, list(range(40)), list(range(40, 48)), config=config,
+                         progress=False) for _ in range(2)]
+    _assert_same_runs(runs)
+    branch = runs[0][0]
+    assert branch.query_top and branch.head_embedding and branch.head.weight.abs().sum() > 0
+
+
+def _assert_same_runs(runs: list[tuple[SentimentBranch, dict]]) -> None:
     (first, first_report), (second, second_report) = runs
     for report in (first_report, second_report):
         for epoch in report["epochs"]:
