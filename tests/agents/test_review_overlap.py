@@ -182,3 +182,25 @@ async def test_a_failed_send_fails_the_agent_and_releases_nothing_in_flight(exit
     assert done == [] and exits == [70]
     assert not any(m.acked for m in messages)  # nothing committable: all four come again
 
+
+
+async def test_a_failure_while_admitting_or_encoding_ahead_fails_the_agent(exits: list[int]) -> None:
+    # Admission and encoding run in a task of their own; what they raise must still crash the agent.
+    worker = make_worker(RecordingEncoder(), review_batch_max=2, review_batch_within_s=3600.0)
+    errors: list[BaseException] = []
+
+    async def on_error(_agent: Any, exc: BaseException) -> None:
+        errors.append(exc)
+
+    async def admit(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("admission broke")
+
+    with patch("agents.reviews.admit", side_effect=admit), \
+         patch.object(worker.app.producer, "send", side_effect=Broker().send):
+        async with worker.agents["encode_reviews"].test_context(on_error=on_error) as agent:
+            for index in range(2):
+                await agent.put(review(index), key=b"u1", wait=False)
+            await until(lambda: errors)
+    worker.encoder.stop()
+    assert [str(exc) for exc in errors] == ["admission broke"]
+    assert exits == [70]
