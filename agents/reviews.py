@@ -2,18 +2,31 @@
 
 The encoder is loaded once per worker and stays resident; its forward pass runs in the encoder
 pipeline's own threads, never on the event loop. Review text is dropped here: it does not travel further.
+
+Micro-batches overlap: while batch n's results are dead-lettered, sent and confirmed, batch n+1 is already
+admitted and encoding, so the forward thread does not idle for the sends, the broker's acknowledgement and
+the refill of the batch buffer. At most `BATCHES_IN_FLIGHT` batches are taken and not finished (memory stays
+bounded; the next is taken only when a slot frees). At-least-once holds because the agent keeps one extra
+reference on every message of a batch from the moment it takes the batch (Faust's conductor holds one per
+subscribed stream; `take_events` drops that one when it moves on) until the batch's enriched events and dead
+letters are confirmed by the broker: only then can the consumer count the offsets as processed and commit
+them. Batches finish strictly in input order, one at a time, in the agent's own task, so the output per user
+keeps the input order and a failed send or encoder crash raises in the agent as before (it is supervised:
+the worker exits and the unconfirmed input comes again). A batch still in flight when the agent stops keeps
+its reference: its offsets are not committed, and it is delivered again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
-from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING, cast
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from faust import StreamT
 from faust.streams import Stream
-from faust.types import AgentT
+from faust.types import AgentT, AppT, EventT, Message
 
 from schemas.events import Event
 from stream_app.core.triage import Rejection
@@ -24,6 +37,12 @@ from stream_app.worker.admission import admit
 
 if TYPE_CHECKING:
     from stream_app.worker.app import WorkerApp
+
+#: Micro-batches taken from the stream and not yet finished (sent, confirmed, released): one finishing while
+#: the next encodes is enough to keep the forward thread busy; more would only hold more input in memory.
+BATCHES_IN_FLIGHT: Final = 2
+
+Prepared = tuple[list[tuple[Event, Message]], list[Encoded | Exception]]
 
 
 def enrich(event: Event, encoded: Encoded) -> Event:
@@ -54,6 +73,57 @@ async def encode_or_isolate(encoder: EncoderPipeline, events: Sequence[Event]) -
         return results
 
 
+def hold(events: Sequence[EventT]) -> None:
+    """One more reference on each message, so that `take_events` acknowledging them does not make their
+    offsets committable: that waits for `release`."""
+    for event in events:
+        event.message.incref()
+
+
+def release(app: AppT, events: Sequence[EventT]) -> None:
+    """Drop the reference `hold` took; the last reference dropped marks the offset processed (committable),
+    as `Stream.ack` does."""
+    consumer, message_out = app.consumer, app.sensors.on_message_out
+    for event in events:
+        message = event.message
+        if message.ack(consumer):
+            message_out(message.tp, message.offset, message)
+
+
+@dataclasses.dataclass(eq=False)
+class _InFlight:
+    events: Sequence[EventT]
+    prepared: asyncio.Task[Prepared]
+
+
+async def _take(batches: AsyncIterable[Sequence[EventT]], taken: asyncio.Queue[_InFlight],
+                slots: asyncio.Semaphore, prepare: Callable[[Sequence[EventT]], Coroutine[Any, Any, Prepared]]) -> None:
+    """Takes micro-batches, holds their messages and starts their admission and encoding; hands them on in
+    order. After each batch it waits for a free slot before it lets `take_events` collect the next one."""
+    async for events in batches:
+        hold(events)  # before anything can suspend: take_events acks these events once it is resumed
+        taken.put_nowait(_InFlight(events, asyncio.create_task(prepare(events))))
+        await slots.acquire()
+
+
+async def _next(taken: asyncio.Queue[_InFlight], taker: asyncio.Task[None]) -> _InFlight | None:
+    """The next batch in input order; None once the stream has ended and every batch is handed on; raises
+    what the taker raised."""
+    while taken.empty():
+        if taker.done():
+            taker.result()  # raises the taker's failure
+            return None
+        waiting = asyncio.ensure_future(taken.get())
+        try:
+            await asyncio.wait((waiting, taker), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not waiting.done():
+                waiting.cancel()
+        if waiting.done() and not waiting.cancelled():
+            return waiting.result()
+    return taken.get_nowait()
+
+
 def register(worker: WorkerApp) -> AgentT:
     settings, encoder = worker.settings, worker.encoder
     worker.readiness["encoder"] = encoder.ready
@@ -63,21 +133,40 @@ def register(worker: WorkerApp) -> AgentT:
             await encoder.pipeline()
         batches = cast(Stream[bytes], stream).take_events(settings.review_batch_max,
                                                            within=settings.review_batch_within_s)
-        async for batch in batches:
-            metrics.BATCH_EVENTS.labels("reviews").observe(len(batch))
-            valid = await admit(settings, worker.output, batch, worker.refused_live)
+
+        async def prepare(events: Sequence[EventT]) -> Prepared:
+            """Admission and encoding of one batch, in a task of its own (it overlaps the previous batch's
+            sends); the dead letters of admission are confirmed here, before the batch can be released."""
+            metrics.BATCH_EVENTS.labels("reviews").observe(len(events))
+            valid = await admit(settings, worker.output, events, worker.refused_live)
             results = await encode_or_isolate(await encoder.pipeline(), [e for e, _ in valid]) if valid else []
-            enriched: list[Event] = []
-            for (review, message), result in zip(valid, results, strict=True):
-                if isinstance(result, Exception):
-                    reason = f"encoder failed on this text: {type(result).__name__}"[:500]
-                    await worker.output.dead_letter(message, Rejection("encoder_error", reason))
-                elif (problem := non_finite(result)) is not None:
-                    await worker.output.dead_letter(message, Rejection("encoder_error", problem))
-                else:
-                    enriched.append(enrich(review, result))
-            await worker.output.events(enriched)
-            await worker.output.confirm_sends()  # before the batch is acknowledged: a failed send fails the batch
-            yield len(batch)
+            await worker.output.confirm_sends()
+            return valid, results
+
+        taken: asyncio.Queue[_InFlight] = asyncio.Queue()
+        slots = asyncio.Semaphore(BATCHES_IN_FLIGHT - 1)  # the taker holds one batch more than it has slots
+        taker = asyncio.create_task(_take(batches, taken, slots, prepare))
+        try:
+            while (batch := await _next(taken, taker)) is not None:
+                valid, results = await batch.prepared
+                enriched: list[Event] = []
+                for (review, message), result in zip(valid, results, strict=True):
+                    if isinstance(result, Exception):
+                        reason = f"encoder failed on this text: {type(result).__name__}"[:500]
+                        await worker.output.dead_letter(message, Rejection("encoder_error", reason))
+                    elif (problem := non_finite(result)) is not None:
+                        await worker.output.dead_letter(message, Rejection("encoder_error", problem))
+                    else:
+                        enriched.append(enrich(review, result))
+                await worker.output.events(enriched)
+                await worker.output.confirm_sends()  # a failed send raises here, before the batch is released
+                release(worker.app, batch.events)
+                slots.release()
+                yield len(batch.events)
+        finally:
+            # Stopping or crashed: what is still in flight stays held (never committed) and comes again.
+            taker.cancel()
+            while not taken.empty():
+                taken.get_nowait().prepared.cancel()
 
     return worker.app.agent(worker.topics.reviews, name="encode_reviews")(encode_reviews)
