@@ -99,7 +99,9 @@ def table(results: dict[str, Any]) -> str:
         ceiling = part["encoder_ceiling"]
         label = f"reviews {ceiling['precision']}"
         rows += [
-            (f"{label}: encoder ceiling (texts/s)", f"{ceiling['texts_per_s']:.1f}"),
+            (f"{label}: encoder ceiling (texts/s)", f"{ceiling['texts_per_s']:.1f}  (before / after the pipeline: "
+                                                    f"{ceiling.get('texts_per_s_before_pipeline')} / "
+                                                    f"{ceiling.get('texts_per_s_after_pipeline')})"),
             *_branch_rows(part.get("sentiment_branch_cost", {})),
             (f"{label}: pipeline, full load (reviews/s)", f"{part['pipeline_full_load']['reviews_per_s']:.1f}"),
             (f"{label}: pipeline / ceiling", f"{part['ratio_pipeline_to_ceiling']:.3f}"),
