@@ -41,6 +41,7 @@ def test_the_remembering_partitioner_picks_the_default_partitioners_partition(ke
 
 def test_the_remembered_hashes_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(partitioning, "_MAX_REMEMBERED", 10)
+    monkeypatch.setattr(partitioning, "_hashes", {})  # other tests' keys (user-0, ...) would already be there
     for index in range(25):
         user = f"user-{index}"
         assert partition_for_user(user, 7) == DefaultPartitioner()(user.encode(), list(range(7)), [])
