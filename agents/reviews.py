@@ -96,32 +96,18 @@ class _InFlight:
     prepared: asyncio.Task[Prepared]
 
 
-async def _take(batches: AsyncIterable[Sequence[EventT]], taken: asyncio.Queue[_InFlight],
+async def _take(batches: AsyncIterable[Sequence[EventT]], taken: asyncio.Queue[_InFlight | None],
                 slots: asyncio.Semaphore, prepare: Callable[[Sequence[EventT]], Coroutine[Any, Any, Prepared]]) -> None:
     """Takes micro-batches, holds their messages and starts their admission and encoding; hands them on in
-    order. After each batch it waits for a free slot before it lets `take_events` collect the next one."""
-    async for events in batches:
-        hold(events)  # before anything can suspend: take_events acks these events once it is resumed
-        taken.put_nowait(_InFlight(events, asyncio.create_task(prepare(events))))
-        await slots.acquire()
-
-
-async def _next(taken: asyncio.Queue[_InFlight], taker: asyncio.Task[None]) -> _InFlight | None:
-    """The next batch in input order; None once the stream has ended and every batch is handed on; raises
-    what the taker raised."""
-    while taken.empty():
-        if taker.done():
-            taker.result()  # raises the taker's failure
-            return None
-        waiting = asyncio.ensure_future(taken.get())
-        try:
-            await asyncio.wait((waiting, taker), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not waiting.done():
-                waiting.cancel()
-        if waiting.done() and not waiting.cancelled():
-            return waiting.result()
-    return taken.get_nowait()
+    order, then None however it ends (the agent asks the task why). After each batch it waits for a free slot
+    before it lets `take_events` collect the next one."""
+    try:
+        async for events in batches:
+            hold(events)  # before anything can suspend: take_events acks these events once it is resumed
+            taken.put_nowait(_InFlight(events, asyncio.create_task(prepare(events))))
+            await slots.acquire()
+    finally:
+        taken.put_nowait(None)
 
 
 def register(worker: WorkerApp) -> AgentT:
@@ -143,11 +129,11 @@ def register(worker: WorkerApp) -> AgentT:
             await worker.output.confirm_sends()
             return valid, results
 
-        taken: asyncio.Queue[_InFlight] = asyncio.Queue()
+        taken: asyncio.Queue[_InFlight | None] = asyncio.Queue()
         slots = asyncio.Semaphore(BATCHES_IN_FLIGHT - 1)  # the taker holds one batch more than it has slots
         taker = asyncio.create_task(_take(batches, taken, slots, prepare))
         try:
-            while (batch := await _next(taken, taker)) is not None:
+            while (batch := await taken.get()) is not None:
                 valid, results = await batch.prepared
                 enriched: list[Event] = []
                 for (review, message), result in zip(valid, results, strict=True):
@@ -163,10 +149,12 @@ def register(worker: WorkerApp) -> AgentT:
                 release(worker.app, batch.events)
                 slots.release()
                 yield len(batch.events)
+            taker.result()  # the stream ended: raises what ended the taker, if anything did
         finally:
             # Stopping or crashed: what is still in flight stays held (never committed) and comes again.
             taker.cancel()
             while not taken.empty():
-                taken.get_nowait().prepared.cancel()
+                if (in_flight := taken.get_nowait()) is not None:
+                    in_flight.prepared.cancel()
 
     return worker.app.agent(worker.topics.reviews, name="encode_reviews")(encode_reviews)

@@ -51,7 +51,6 @@ async def send_batched(producer: AIOKafkaProducer, topic: str,
             builder = builders[partition] = producer.create_batch()
             if builder.append(key=key, value=value, timestamp=None) is None:
                 raise MessageSizeTooLargeError(f"a record of {len(value)} bytes does not fit an empty batch")
-    for partition, builder in builders.items():
-        if builder.record_count():
-            sent.append(await producer.send_batch(builder, topic, partition=partition))
+    for partition, builder in builders.items():  # each holds at least the record it was made for
+        sent.append(await producer.send_batch(builder, topic, partition=partition))
     return sent

@@ -33,7 +33,7 @@ from stream_app.core.profile import Delta
 from stream_app.core.pseudonym import pseudonymiser
 from stream_app.core.triage import Rejection
 from stream_app.kafka.batched_send import aiokafka_producer, send_batched, topic_partitions
-from stream_app.kafka.partitioning import key_hash, partition_for_user
+from stream_app.kafka.partitioning import partition_for_user
 from stream_app.ops import metrics
 from stream_app.ops.settings import Settings
 from stream_app.worker.topics import Topics
@@ -146,8 +146,7 @@ class Output:
             user_id = self.outgoing_user_id(delta["user_id"])
             if user_id != delta["user_id"]:
                 delta = {**delta, "user_id": user_id}
-            key = user_id.encode()
-            records.append((key_hash(key) % partitions, key, orjson.dumps(delta)))
+            records.append((partition_for_user(user_id, partitions), user_id.encode(), orjson.dumps(delta)))
         return list(await send_batched(producer, self.deltas_topic, records))
 
     async def dead_letter(self, message: Message, rejection: Rejection) -> Awaitable[Any]:

@@ -250,29 +250,26 @@ def test_training_reads_the_same_hidden_states_the_worker_scores(real_encoder: B
     assert torch.allclose(from_cache, served, atol=2e-3 if real_encoder.precision == "fp32" else 5e-2)
 
 
-def test_training_is_reproducible(plain_encoder: BertEncoder) -> None:
+def train_twice(encoder: BertEncoder, input_layer: int, config: TrainConfig) -> list[tuple[SentimentBranch, dict]]:
+    """Two trainings of the same configuration on the same 48 Women's reviews (40 train, 8 validate)."""
     from stream_app.encoding.sentiment import label_of_rating
     from stream_app.tools.sample_data import womens_reviews
 
     rows = womens_reviews(48)
-    states = compute_shared_states(plain_encoder, [r["Review Text"] for r in rows], 5, progress=False)
+    states = compute_shared_states(encoder, [r["Review Text"] for r in rows], input_layer, progress=False)
     labels = torch.tensor([label_of_rating(int(r["Rating"])) for r in rows])
-    plain = TrainConfig(branch_layers=1, epochs=1, query_top=False, head_embedding=False, ema_decay=0.0)
-    runs = [train_branch(plain_encoder.model, states, labels, list(range(40)), list(range(40, 48)), config=plain,
+    return [train_branch(encoder.model, states, labels, list(range(40)), list(range(40, 48)), config=config,
                          progress=False) for _ in range(2)]
-    _assert_same_runs(runs)
+
+
+def test_training_is_reproducible(plain_encoder: BertEncoder) -> None:
+    plain = TrainConfig(branch_layers=1, epochs=1, query_top=False, head_embedding=False, ema_decay=0.0)
+    _assert_same_runs(train_twice(plain_encoder, 5, plain))
 
 
 def test_training_a_query_branch_with_averaged_weights_is_reproducible(plain_encoder: BertEncoder) -> None:
-    from stream_app.encoding.sentiment import label_of_rating
-    from stream_app.tools.sample_data import womens_reviews
-
-    rows = womens_reviews(48)
-    states = compute_shared_states(plain_encoder, [r["Review Text"] for r in rows], 4, progress=False)
-    labels = torch.tensor([label_of_rating(int(r["Rating"])) for r in rows])
     config = TrainConfig(branch_layers=2, epochs=2, query_top=True, head_embedding=True, ema_decay=0.9)
-    runs = [train_branch(plain_encoder.model, states, labels, list(range(40)), list(range(40, 48)), config=config,
-                         progress=False) for _ in range(2)]
+    runs = train_twice(plain_encoder, 4, config)
     _assert_same_runs(runs)
     branch = runs[0][0]
     assert branch.query_top and branch.head_embedding and branch.head.weight.abs().sum() > 0
