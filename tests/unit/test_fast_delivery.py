@@ -126,3 +126,29 @@ async def test_resume_hands_a_thrown_error_to_the_coroutine() -> None:
     await asyncio.sleep(0)
     never.set_exception(KeyError("boom"))
     assert await task == "handled" and caught == ["'boom'"]
+
+
+async def test_the_conductor_waits_for_a_resubscription_that_holds_its_handler_map() -> None:
+    import faust
+    from faust.transport.consumer import ConsumerMessage
+    from faust.types import TP
+
+    fast_delivery.install()
+    app = faust.App("conductor-lookup", broker="kafka://127.0.0.1:1", store="memory://")
+    conductor: Any = app.topics
+    tp = TP("clicks", 0)
+    delivered: list[int] = []
+
+    async def handler(message: ConsumerMessage) -> str:
+        delivered.append(message.offset)
+        return "handled"
+
+    conductor._tp_to_callback[tp] = handler
+    record = ConsumerMessage("clicks", 0, 5, 0.0, 0, [], None, b"{}", None, 0, 2, tp)
+    assert await conductor.on_message(record) == "handled" and delivered == [5]
+
+    async with conductor._tp_to_callback_lock:  # _update_indices rebuilding the map
+        waiting = asyncio.ensure_future(conductor.on_message(record))
+        await asyncio.sleep(0.01)
+        assert not waiting.done() and delivered == [5]
+    assert await asyncio.wait_for(waiting, 1) == "handled" and delivered == [5, 5]
