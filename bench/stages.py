@@ -193,7 +193,7 @@ def install() -> None:
                 REC.delta_events += 1
         return result
 
-    Output.deltas = deltas  # type: ignore[method-assign]
+    Output.deltas = deltas  # type: ignore[method-assign,assignment]
 
 
 SENSOR_HOOKS = ("on_message_in", "on_message_out", "on_stream_event_in", "on_stream_event_out", "on_table_get",
