@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, cast
 
@@ -11,8 +10,7 @@ from faust.streams import Stream
 from faust.types import AgentT, Message
 
 from schemas.events import Event
-from stream_app.core.fold import decode_bundle, fold_batch
-from stream_app.core.limits import split_rounds
+from stream_app.core.fold import decode_bundle
 from stream_app.core.triage import Rejection
 from stream_app.ops import metrics
 
@@ -28,7 +26,7 @@ def event_message(bundle: Message, event: Event) -> Message:
 
 
 def register(worker: WorkerApp) -> AgentT:
-    settings, profiles = worker.settings, worker.profiles
+    settings = worker.settings
 
     async def update_profiles(stream: StreamT[bytes]) -> AsyncIterator[int]:
         # take_events (events, not values) is on the concrete Stream; we need each message's value bytes.
@@ -47,24 +45,7 @@ def register(worker: WorkerApp) -> AgentT:
                 origin.update((id(event), message) for event in bundle)
                 events.extend(bundle)
             metrics.BATCH_EVENTS.labels("profiles").observe(len(events))
-            # Rounds keep each delta within the record limit: a user with a big batch gets several versions.
-            for round_events in split_rounds(events, profiles.get, settings.max_record_bytes):
-                folded = fold_batch(round_events, profiles.get, worker.params)
-                for failure in folded.failures:
-                    for event in failure.events:
-                        await worker.output.dead_letter(event_message(origin[id(event)], event),
-                                                        Rejection("processing_error", failure.reason))
-                await profiles.write_many(folded.writes, folded.encoded)
-                metrics.DUPLICATES.inc(folded.duplicates)
-                # A delta leaves only once the table write of its version is stored: after a crash the restarted
-                # worker recovers that version and re-emits the delta when the uncommitted events come again,
-                # instead of counting them into a second, different delta with the same version. The deltas are
-                # confirmed before the next round's writes and before the batch is acknowledged (so before its
-                # offsets can be committed): a crash can lose only the newest round's deltas, which the outbox
-                # always keeps, and a failed send crashes the agent instead of being lost.
-                await profiles.confirm_writes()
-                if folded.deltas:
-                    await asyncio.gather(*await worker.output.deltas(folded.deltas))
+            await worker.folder.fold(events, origin, event_message)
             await worker.output.confirm_sends()  # the dead letters this agent sent
             yield len(events)
 

@@ -10,10 +10,12 @@ event id, and turns them into stage durations when the event's delta is sent:
 
   input → ingest   record create time (the producer's) → the ingest agent gets its micro-batch: broker,
                    Faust's fetcher (fetch wait), stream buffer and the 50 ms batch window
-  ingest agent     triage of the batch + bundling + hand-off of the bundles to the producer
+  ingest agent     triage of the batch + bundling + hand-off of the bundles to the producer; for an event the
+                   ingest agent folds itself (PROFILE_FOLD_AT_INGEST): triage until its fold starts
   by-user hop      bundle handed to the producer → the profile agent decodes it: linger, produce, broker,
-                   second fetch, buffer and batch window
-  fold             decode + fold + table writes handed to Faust (the batch's, charged to each event in it)
+                   second fetch, buffer and batch window (only events that take the hop)
+  fold             fold + table writes handed to the producer (the fold's, charged to each event in it; from
+                   when it holds the fold lock)
   write confirm    until the broker acknowledged the batch's table writes (and the previous batch's deltas)
   delta send       until the event's delta is handed to the producer (its record create time)
 
@@ -47,7 +49,8 @@ class Recorder:
         self.reset()
 
     def reset(self) -> None:
-        self.events: dict[str, list[float]] = {}  # event id -> [produced, ingest start, bundle sent]
+        # event id -> [produced, ingest start, bundle sent or fold started, 1.0 if it took the by-user hop]
+        self.events: dict[str, list[float]] = {}
         self.durations: dict[str, list[float]] = defaultdict(list)
         self.cpu: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
@@ -80,6 +83,7 @@ def install() -> None:
     """Wrap the stage boundaries; each wrapper calls the original and only takes notes."""
     import agents.ingest
     import agents.profiles
+    import stream_app.worker.folding
     from stream_app.worker.publish import Output
     from stream_app.worker.tables import ProfileTable
 
@@ -90,7 +94,7 @@ def install() -> None:
         admitted = await original_admit(settings, output, batch, *args)
         _timed_cpu("admit", cpu)
         for event, message in admitted:
-            REC.events[event.event_id] = [message.timestamp, now, now]
+            REC.events[event.event_id] = [message.timestamp, now, now, 0.0]
         return admitted
 
     agents.ingest.admit = admit  # type: ignore[assignment]
@@ -105,19 +109,16 @@ def install() -> None:
         for event in batch:
             stamps = REC.events.get(event.event_id)
             if stamps is not None:
-                stamps[2] = now
+                stamps[2], stamps[3] = now, 1.0
 
     Output.events = events  # type: ignore[method-assign,assignment]
 
     original_decode = agents.profiles.decode_bundle
 
     def decode_bundle(value: Any) -> Any:
-        # One call per by-user message; the batch's fold starts with its first message's decode.
         now, cpu = time.time(), time.thread_time()
         decoded = original_decode(value)
         _timed_cpu("decode", cpu)
-        if not REC.batch or "fold_end" in REC.batch:
-            REC.batch = {"fold_start": now}
         for event in decoded:
             stamps = REC.events.get(event.event_id)
             if stamps is not None:
@@ -126,7 +127,21 @@ def install() -> None:
 
     agents.profiles.decode_bundle = decode_bundle
 
-    original_fold = agents.profiles.fold_batch
+    folding = stream_app.worker.folding
+    original_split = folding.split_rounds
+
+    def split_rounds(events: Any, *args: Any) -> Any:
+        # Called once per fold, first thing under the fold lock: folds of both agents never overlap.
+        now = time.time()
+        REC.batch = {"fold_start": now}
+        for event in events:
+            stamps = REC.events.get(event.event_id)
+            if stamps is not None and not stamps[3]:
+                stamps[2] = now  # folded by the ingest agent: its stage ends here
+        return original_split(events, *args)
+
+    folding.split_rounds = split_rounds  # type: ignore[assignment]
+    original_fold = folding.fold_batch
 
     def fold_batch(*args: Any, **kwargs: Any) -> Any:
         cpu = time.thread_time()
@@ -134,7 +149,7 @@ def install() -> None:
         _timed_cpu("fold", cpu)
         return folded
 
-    agents.profiles.fold_batch = fold_batch
+    folding.fold_batch = fold_batch
 
     original_set: Callable[..., None] = ProfileTable.__setitem__
 
@@ -182,7 +197,7 @@ def install() -> None:
                 stamps = REC.events.pop(event_id, None)
                 if stamps is None:
                     continue
-                produced, ingest_start, bundle_sent = stamps
+                produced, ingest_start, bundle_sent, _ = stamps
                 d = REC.durations
                 d["input_to_ingest"].append(ingest_start - produced)
                 d["ingest_agent"].append(bundle_sent - ingest_start)

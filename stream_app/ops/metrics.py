@@ -12,6 +12,9 @@ EVENTS = Counter("profile_events_total", "Valid input events by type", ["type"])
 DEAD_LETTERS = Counter("profile_dead_letters_total", "Messages sent to the dead-letter topic, by kind of reason",
                        ["kind"])
 DELTAS = Counter("profile_deltas_total", "Deltas published (first sends and re-emissions)", ["kind"])
+FOLDED_AT_INGEST = Counter("profile_events_folded_at_ingest_total",
+                           "Valid clicks and searches the ingest agent folded itself (already on their user's "
+                           "by-user partition) instead of sending them through the by-user topic")
 DUPLICATES = Counter("profile_duplicate_events_total", "Redelivered events that were not counted again")
 BATCH_EVENTS = Histogram("profile_batch_events", "Events per micro-batch", ["agent"],
                          buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000))

@@ -22,6 +22,7 @@ from stream_app.kafka.partitioning import KeyPartitioner
 from stream_app.ops.settings import Settings
 from stream_app.worker import commit_safety, fast_delivery, health, web
 from stream_app.worker.admission import load_replay_refusals
+from stream_app.worker.folding import Folder
 from stream_app.worker.publish import Output
 from stream_app.worker.tables import ProfileTable, profile_table
 from stream_app.worker.topics import Topics, declare_topics
@@ -104,6 +105,7 @@ class WorkerApp:
     output: Output
     params: ProfileParams
     encoder: EncoderService
+    folder: Folder
     readiness: dict[str, Callable[[], bool]] = field(default_factory=dict)
     agents: dict[str, AgentT] = field(default_factory=dict)
     # Replays only: the input records the live run refused as future_timestamp (worker/admission.py).
@@ -118,8 +120,9 @@ def build_worker(settings: Settings, *, encoder: TextEncoder | None = None) -> W
     topics = declare_topics(app, settings)
     profiles = profile_table(app, settings)
     output = Output(app, settings, topics)
-    worker = WorkerApp(settings, app, topics, profiles, output, ProfileParams.from_settings(settings),
-                       EncoderService(settings, encoder),
+    params = ProfileParams.from_settings(settings)
+    folder = Folder(settings, app, topics.events_by_user.get_topic_name(), profiles, output, params)
+    worker = WorkerApp(settings, app, topics, profiles, output, params, EncoderService(settings, encoder), folder,
                        refused_live=load_replay_refusals(settings.replay_refusals))
     for register in ROSTER:
         agent = register(worker)

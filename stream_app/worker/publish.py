@@ -106,9 +106,14 @@ class Output:
         # Tables and the outbox keep real ids (partitioning, dedup); only what leaves the worker is pseudonymised.
         self.outgoing_user_id = pseudonymiser(settings.pseudonym_key)
 
-    async def events(self, events: Sequence[Event]) -> None:
+    @staticmethod
+    def count(events: Iterable[Event]) -> None:
+        """profile_events_total, for every valid event however it reaches the table."""
         for event_type, count in Counter(event.type for event in events).items():
             metrics.EVENTS.labels(event_type).inc(count)  # once per type and batch: this path runs per event
+
+    async def events(self, events: Sequence[Event]) -> None:
+        self.count(events)
         max_value = self.max_record_bytes - RECORD_OVERHEAD_BYTES
         for partition, bundle in bundle_by_partition(events, self.partitions).items():
             for value in pack_bundles(bundle, max_value):

@@ -7,6 +7,7 @@ with it: the profiles rebuilt from deltas, the worker's table (its changelog) an
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 import signal
@@ -20,6 +21,7 @@ import pytest
 from schemas.events import validate_event
 from stream_app.core.profile import ProfileParams
 from stream_app.core.replica import ProfileReplicas
+from stream_app.kafka.reading import end_offsets
 from stream_app.tools.sample_data import sample_events
 from tests.integration.conftest import Stack
 from tests.oracle import assert_view_matches, expected_view
@@ -145,7 +147,19 @@ def assert_matches_clean_run(stack: Stack, events: list[dict[str, Any]]) -> None
 
 
 def test_sigkill_at_random_points_loses_and_double_counts_nothing(stack: Stack) -> None:
-    rng = random.Random(SEED)
+    sigkill_at_random_points(stack, random.Random(SEED))
+
+
+def test_sigkill_while_the_ingest_agent_folds_loses_and_double_counts_nothing(make_stack: Any) -> None:
+    # Keyed by user with the Java partitioner, input topics as wide as the by-user topic: no event takes the hop.
+    stack = make_stack(PROFILE_INPUT_PARTITIONS="3")
+    stack.partitioner = "murmur2_random"
+    sigkill_at_random_points(stack, random.Random(SEED + 2))
+    by_user = asyncio.run(end_offsets(stack.settings, [stack.settings.topic_events_by_user]))
+    assert len(by_user) == 3 and set(by_user.values()) == {0}
+
+
+def sigkill_at_random_points(stack: Stack, rng: random.Random) -> None:
     events = click_search_events(customers=700)
     assert len(events) > 2500
     pending = list(chunks(events, 10))
