@@ -47,7 +47,13 @@ def run_worker() -> None:
     worker.spinner = None
     # Torch, transformers and Faust leave ~220,000 objects that live as long as the worker. Each full
     # collection walked them all (~120 ms each, several per minute on a backlog); frozen, it walks only what was
-    # made since. Worker CPU per click/search event: ~150 -> ~100 us (docs/benchmarks.md). Nothing frozen here
-    # is garbage later, so nothing is kept that would have been collected.
+    # made since. Worker CPU per click/search event: ~150 -> ~100 us (docs/benchmarks.md). What is frozen is the
+    # imported code and the built app, alive until exit; a frozen object that became cyclic garbage would stay.
     gc.freeze()
+    # The table's profiles outlive the young generations, so full collections (by default one per 10 middle ones,
+    # when the long-lived objects grew by a quarter) keep walking a growing table: 18 of them took 1.8 s of a
+    # worker's ~9 s on an 89,334-event backlog. One per 100 middle collections: 1 full collection, 0.1 s; worker
+    # CPU per event 96 -> 87 and 139 -> 102 us in two A/B pairs (docs/benchmarks.md). Young garbage is collected
+    # as often as before; cyclic garbage that reached the oldest generation waits longer.
+    gc.set_threshold(700, 10, 100)
     worker.execute_from_commandline()
