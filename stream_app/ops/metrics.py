@@ -35,7 +35,8 @@ def install(app: App) -> None:
 
 def remember_end_offset_gauges(app: App) -> None:
     """Faust reports a partition's end offset for every record it fetches; the Prometheus monitor then looks up
-    the gauge's labelled child each time (~4 us per record). Same gauge and values, each child looked up once."""
+    the gauge's labelled child each time (2.4 us per record, 0.5 us with the child remembered). Same gauge and
+    values, each child looked up once."""
     monitor: Any = app.monitor
     gauge = monitor._metrics.topic_partition_end_offset
     end_offsets = monitor.tp_end_offsets

@@ -1,10 +1,11 @@
 """Folding events into the profile table and publishing their deltas, for the agent that holds the events.
 
 The profile agent folds what comes over the by-user topic. The ingest agent folds, itself, the valid events that
-already sit on the partition our partitioner gives their user (a producer keying by user id with Kafka's default
-partitioner puts every event there): re-keying them through the by-user topic would only hand them back to this
-worker, at the cost of a serialisation, a broker round trip and a second fetch. Everything else still takes the
-hop, so correctness never depends on how producers partition.
+already sit on the partition our partitioner gives their user (where a producer keying by user id with Kafka's
+default partitioner puts every event, when the input topic has as many partitions as the by-user topic):
+re-keying them through the by-user topic would only hand them back to this worker, at the cost of a
+serialisation, a broker round trip and a second fetch. Everything else still takes the hop, so correctness never
+depends on how producers partition.
 
 Two agents folding into one table need one lock: a fold reads states, writes them, waits for the broker to store
 the writes and only then sends the deltas. Interleaved, two folds of one user could both read version n, or send
@@ -93,4 +94,3 @@ class Folder:
             else:
                 hop.append(event)
         return here, hop
-
