@@ -24,14 +24,7 @@ def register(worker: WorkerApp) -> AgentT:
         batches = cast(Stream[bytes], stream).take_events(settings.batch_max, within=settings.batch_within_s)
         async for batch in batches:
             metrics.BATCH_EVENTS.labels("ingest").observe(len(batch))
-            here, hop = worker.folder.split_at_ingest(await admit(settings, worker.output, batch, worker.refused_live))
-            await worker.output.events(hop)
-            if here:
-                metrics.FOLDED_AT_INGEST.inc(len(here))
-                events = [event for event, _ in here]
-                worker.output.count(events)
-                # Refused by the fold: dead-lettered as its input record.
-                await worker.folder.fold(events, {id(event): message for event, message in here})
+            await worker.folder.fold_or_forward(await admit(settings, worker.output, batch, worker.refused_live))
             await worker.output.confirm_sends()  # before the batch is acknowledged: a failed send fails the batch
             yield len(batch)
 

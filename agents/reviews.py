@@ -1,4 +1,5 @@
-"""Reviews: validate, encode text in micro-batches (embedding + sentiment), re-key by user id.
+"""Reviews: validate, encode text in micro-batches (embedding + sentiment), fold those already on their user's
+partition, re-key the others by user id.
 
 The encoder is loaded once per worker and stays resident; its forward pass runs in the encoder
 pipeline's own threads, never on the event loop. Review text is dropped here: it does not travel further.
@@ -135,7 +136,7 @@ def register(worker: WorkerApp) -> AgentT:
         try:
             while (batch := await taken.get()) is not None:
                 valid, results = await batch.prepared
-                enriched: list[Event] = []
+                enriched: list[tuple[Event, Message]] = []
                 for (review, message), result in zip(valid, results, strict=True):
                     if isinstance(result, Exception):
                         reason = f"encoder failed on this text: {type(result).__name__}"[:500]
@@ -143,8 +144,8 @@ def register(worker: WorkerApp) -> AgentT:
                     elif (problem := non_finite(result)) is not None:
                         await worker.output.dead_letter(message, Rejection("encoder_error", problem))
                     else:
-                        enriched.append(enrich(review, result))
-                await worker.output.events(enriched)
+                        enriched.append((enrich(review, result), message))
+                await worker.folder.fold_or_forward(enriched)
                 await worker.output.confirm_sends()  # a failed send raises here, before the batch is released
                 release(worker.app, batch.events)
                 slots.release()

@@ -13,8 +13,8 @@ DEAD_LETTERS = Counter("profile_dead_letters_total", "Messages sent to the dead-
                        ["kind"])
 DELTAS = Counter("profile_deltas_total", "Deltas published (first sends and re-emissions)", ["kind"])
 FOLDED_AT_INGEST = Counter("profile_events_folded_at_ingest_total",
-                           "Valid clicks and searches the ingest agent folded itself (already on their user's "
-                           "by-user partition) instead of sending them through the by-user topic")
+                           "Valid events (clicks, searches, encoded reviews) an input agent folded itself (already "
+                           "on their user's by-user partition) instead of sending them through the by-user topic")
 DUPLICATES = Counter("profile_duplicate_events_total", "Redelivered events that were not counted again")
 BATCH_EVENTS = Histogram("profile_batch_events", "Events per micro-batch", ["agent"],
                          buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000))

@@ -79,10 +79,10 @@ class Settings(BaseSettings):
                            "the per-message faust_* metrics and Faust's Monitor); off by default: they cost ~40 us of "
                            "CPU per event, ~23 % of the worker's (docs/benchmarks.md); true turns those counters on")
     fold_at_ingest: bool = Field(
-        True, description="the ingest agent folds the valid clicks and searches that already sit on their user's "
-                          "by-user partition itself, instead of re-keying them through the by-user topic (which "
-                          "would hand them back to this worker); false: every event takes the hop "
-                          "(docs/benchmarks.md)")
+        True, description="the input agents fold the valid events (clicks, searches, encoded reviews) that already "
+                          "sit on their user's by-user partition themselves, instead of re-keying them through the "
+                          "by-user topic (which would hand them back to this worker); false: every event takes the "
+                          "hop (docs/benchmarks.md)")
     review_batch_max: int = Field(256, ge=1, description="reviews per micro-batch of the review agent")
     review_batch_within_s: float = Field(0.1, gt=0, description="longest wait to fill a review micro-batch")
 

@@ -1,6 +1,7 @@
 """Folding events into the profile table and publishing their deltas, for the agent that holds the events.
 
-The profile agent folds what comes over the by-user topic. The ingest agent folds, itself, the valid events that
+The profile agent folds what comes over the by-user topic. The input agents (ingest; reviews, once encoded) fold,
+themselves, the valid events that
 already sit on the partition our partitioner gives their user (where a producer keying by user id with Kafka's
 default partitioner puts every event, when the input topic has as many partitions as the by-user topic):
 re-keying them through the by-user topic would only hand them back to this worker, at the cost of a
@@ -69,6 +70,19 @@ class Folder:
                 await profiles.confirm_writes()
                 if folded.deltas:
                     await asyncio.gather(*await output.deltas(folded.deltas))
+
+    async def fold_or_forward(self, admitted: Sequence[tuple[Event, Message]]) -> None:
+        """What an input agent does with its valid events: folds those already on their user's partition
+        (`split_at_ingest`) and sends the others through the by-user topic. The sends are confirmed by the
+        agent's `confirm_sends`, the folds' writes and deltas before this returns. An event the fold refuses is
+        dead-lettered as its input record."""
+        here, hop = self.split_at_ingest(admitted)
+        await self.output.events(hop)
+        if here:
+            metrics.FOLDED_AT_INGEST.inc(len(here))
+            events = [event for event, _ in here]
+            self.output.count(events)
+            await self.fold(events, {id(event): message for event, message in here})
 
     def split_at_ingest(self, admitted: Sequence[tuple[Event, Message]]) -> tuple[list[tuple[Event, Message]],
                                                                                  list[Event]]:

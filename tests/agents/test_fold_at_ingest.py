@@ -111,3 +111,27 @@ async def test_two_agents_folding_one_user_take_turns_and_publish_versions_in_or
         await asyncio.wait_for(asyncio.gather(ingest_fold, profile_fold), 5)
     worker.encoder.stop()
     assert [(d["version"], d["event_ids"]) for d in published(sent["deltas"])] == [(1, ["e1"]), (2, ["e2"])]
+
+
+async def test_an_encoded_review_on_its_users_partition_is_folded_by_the_review_agent() -> None:
+    from stream_app.encoding.encoder import FakeEncoder
+
+    encoder = FakeEncoder()
+    worker = make_worker(encoder)
+    partitions = worker.settings.partitions
+    here, away = user_on(1, partitions), user_on(0, partitions, avoid=3)
+    review = {"event_id": "r-here", "user_id": here, "ts": 1.7e9, "type": "review", "item_id": "i",
+              "text": "good fit", "rating": 5}
+    with holding(worker, set(range(partitions))), record_outputs(worker) as sent:
+        async with worker.agents["encode_reviews"].test_context() as agent:
+            await agent.put(orjson.dumps(review), key=here.encode(), partition=1)
+            await agent.put(orjson.dumps({**review, "event_id": "r-away", "user_id": away}), key=away.encode(),
+                            partition=3)
+    worker.encoder.stop()
+    assert [e.event_id for e in forwarded(sent)] == ["r-away"]
+    [delta] = published(sent["deltas"])
+    encoded = encoder.forward(encoder.tokenize(["good fit"]))[0]
+    assert (delta["user_id"], delta["version"], delta["event_ids"]) == (here, 1, ["r-here"])
+    assert delta["sentiment"][0] == pytest.approx(encoded.sentiment)  # (weighted sum, weight) of one review
+    assert delta["embedding"]["num"] == pytest.approx(list(encoded.embedding))
+    assert worker.profiles[here]["version"] == 1 and worker.profiles.get(away) is None
