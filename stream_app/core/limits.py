@@ -94,24 +94,28 @@ def _json_bound(text: str) -> int:
 def _loose_size(user_bytes: int, events: Sequence[Event], stored: dict[str, Any] | None) -> int:
     """An upper bound of `_DeltaEstimate`'s size for all of `events` in one piece, without serialising: each
     term of the estimate with every string's JSON length replaced by `_json_bound` (the estimate only grows
-    as events are added, so no prefix exceeds it either)."""
+    as events are added, so no prefix exceeds it either). `_json_bound` is written out here (6 * length + 2):
+    this runs for every event."""
     total = _FIXED + 2 * user_bytes
     embedding = 0
-    keys: dict[str, set[str]] = {name: set() for name in _SUM_FIELDS}
+    interests: set[str] = set()
+    keywords: set[str] = set()
     for event in events:
-        total += _json_bound(event.event_id) + 1
+        total += 6 * len(event.event_id) + 3
         if event.embedding is not None:
             embedding = max(embedding, 32 + (len(event.embedding) + 1) * _FLOAT)
-        for name, key in _keys(event):
-            keys[name].add(key)
+        if event.category is not None:
+            interests.add(event.category)
+        if event.query is not None:
+            keywords.update(query_terms(event.query))
     total += embedding
-    for name in _SUM_FIELDS:
-        if not keys[name]:
+    for name, keys in (("interests", interests), ("keywords", keywords)):
+        if not keys:
             continue
         known = (stored or {}).get(name) or {}
-        longest = max(max(map(len, known), default=0), max(map(len, keys[name])))
-        count = len(keys[name])
-        total += sum(map(_json_bound, keys[name])) + count * (1 + _FLOAT) + count * (6 * longest + 2 + 1)
+        longest = max(max(map(len, known), default=0), max(map(len, keys)))
+        count = len(keys)
+        total += 6 * sum(map(len, keys)) + 2 * count + count * (1 + _FLOAT) + count * (6 * longest + 2 + 1)
     return total
 
 

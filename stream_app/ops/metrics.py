@@ -2,11 +2,61 @@
 
 from __future__ import annotations
 
+import math
+import threading
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Final
 
 from faust import App
 from faust.sensors import SensorDelegate
-from prometheus_client import Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+
+class BatchHistogram(Collector):
+    """A histogram observed a batch of values at a time, exposed like prometheus_client's `Histogram` (same
+    buckets, `_bucket`/`_sum`/`_count`; no `_created`).
+
+    prometheus_client's `observe` takes a lock and increments two guarded values per observation (~3-4 us
+    here): for the delta lag, on every delta, that was 3-4 % of the click/search path's CPU per event.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float],
+                 registry: CollectorRegistry | None = REGISTRY) -> None:
+        self.name, self.documentation = name, documentation
+        self.bounds = tuple(float(b) for b in buckets if not math.isinf(b)) + (math.inf,)
+        self._counts = [0] * len(self.bounds)  # per bucket, not cumulative
+        self._sum = 0.0
+        self._lock = threading.Lock()  # the web server's scrape thread reads while the event loop observes
+        if registry is not None:
+            registry.register(self)
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        """Count each value in the first bucket whose upper bound is >= it (as `Histogram.observe` does)."""
+        bounds = self.bounds
+        counts = [0] * len(bounds)
+        total = 0.0
+        for value in values:
+            counts[bisect_left(bounds, value)] += 1
+            total += value
+        with self._lock:
+            self._counts = [a + b for a, b in zip(self._counts, counts, strict=True)]
+            self._sum += total
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self.name, self.documentation)
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        cumulative, running = [], 0
+        for bound, count in zip(self.bounds, counts, strict=True):
+            running += count
+            cumulative.append(("+Inf" if math.isinf(bound) else repr(bound), running))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=cumulative, sum_value=total)
+
 
 EVENTS = Counter("profile_events_total", "Valid input events by type", ["type"])
 DEAD_LETTERS = Counter("profile_dead_letters_total", "Messages sent to the dead-letter topic, by kind of reason",
@@ -22,9 +72,10 @@ REVIEW_BATCH_TOKENS = Histogram("profile_encoder_batch_padded_tokens", "Padded t
                                 buckets=(64, 256, 1024, 2048, 4096, 8192, 16384, 32768))
 ENCODER_SECONDS = Histogram("profile_encoder_seconds", "Encoder time per review micro-batch (tokenise + forward)",
                             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-DELTA_LAG = Histogram("profile_delta_lag_seconds",
-                      "Wall clock at delta publish minus the profile's newest event time (live: end-to-end freshness)",
-                      buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600))
+DELTA_LAG = BatchHistogram(
+    "profile_delta_lag_seconds",
+    "Wall clock at delta publish minus the profile's newest event time (live: end-to-end freshness)",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600))
 
 def install(app: App) -> None:
     from faust.sensors.prometheus import setup_prometheus_sensors

@@ -83,6 +83,10 @@ class Settings(BaseSettings):
                           "sit on their user's by-user partition themselves, instead of re-keying them through the "
                           "by-user topic (which would hand them back to this worker); false: every event takes the "
                           "hop (docs/benchmarks.md)")
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop", description="the worker's event loop: uvloop (libuv, in C) or the standard library's asyncio loop; "
+                              "Faust's per-message path and aiokafka's sockets run on it, and uvloop cut the worker's "
+                              "CPU per click/search event by about a tenth (docs/benchmarks.md)")
     review_batch_max: int = Field(256, ge=1, description="reviews per micro-batch of the review agent")
     review_batch_within_s: float = Field(0.1, gt=0, description="longest wait to fill a review micro-batch")
 

@@ -140,10 +140,8 @@ class Output:
         metrics.DELTAS.labels("redelivery").inc(redelivered)  # once per round: this path runs per user
         metrics.DELTAS.labels("new").inc(len(deltas) - redelivered)
         now = time.time()
-        for delta, again in deltas:
-            if not again:
-                # Freshness: how long after its newest event a profile change reaches subscribers.
-                metrics.DELTA_LAG.observe(max(0.0, now - delta["as_of"]))
+        # Freshness: how long after its newest event a profile change reaches subscribers.
+        metrics.DELTA_LAG.observe_many(max(0.0, now - delta["as_of"]) for delta, again in deltas if not again)
         producer = aiokafka_producer(self.app.producer)
         partitions = await topic_partitions(producer, self.deltas_topic)
         records = []

@@ -1,5 +1,6 @@
-"""Per-record shortcuts on Faust's fetch path give what Faust's own code gives: the raw topics' decoding
-(stream_app/worker/topics.py) and the end-offset gauge (stream_app/ops/metrics.py)."""
+"""Per-record shortcuts give what the code they replace gives: the raw topics' decoding
+(stream_app/worker/topics.py), the end-offset gauge and the batch-observed delta-lag histogram
+(stream_app/ops/metrics.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import faust
 import pytest
 from faust.transport.consumer import ConsumerMessage
 from faust.types import TP
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from stream_app.ops import metrics
 from stream_app.worker.topics import RawBytes
@@ -61,3 +62,25 @@ def test_end_offsets_reach_the_gauge_and_faust_s_monitor() -> None:
     gauge = "faust_topic_partition_end_offset"
     assert registry.get_sample_value(gauge, {"topic": "clicks", "partition": "3"}) == 12
     assert registry.get_sample_value(gauge, {"topic": "searches", "partition": "0"}) == 4
+
+
+def test_a_batch_histogram_exposes_what_prometheus_clients_histogram_exposes_for_the_same_values() -> None:
+    registry = CollectorRegistry()
+    buckets = (0.01, 0.05, 1, 3600)
+    reference = Histogram("lag_seconds", "lag", buckets=buckets, registry=registry)
+    ours = metrics.BatchHistogram("lag_seconds", "lag", buckets, registry=None)
+    # On a bound (counted in that bucket, <=), just over one, 0, past the last bound, in two batches.
+    values = [[0.0, 0.01, 0.010000001, 0.05, 0.5], [], [1.0, 3600.0, 3600.5, 1e12]]
+    for batch in values:
+        for value in batch:
+            reference.observe(value)
+        ours.observe_many(iter(batch))
+    mine = CollectorRegistry()
+    mine.register(ours)
+
+    def histogram_lines(exposition: bytes) -> list[str]:
+        return [line for line in exposition.decode().splitlines() if "_created" not in line]
+
+    assert histogram_lines(generate_latest(mine)) == histogram_lines(generate_latest(registry))
+    assert mine.get_sample_value("lag_seconds_bucket", {"le": "0.01"}) == 2
+    assert mine.get_sample_value("lag_seconds_count") == 9
