@@ -85,17 +85,12 @@ def _keys(event: Event) -> list[tuple[str, str]]:
     return keys
 
 
-def _json_bound(text: str) -> int:
-    """At least orjson's length for a string: 2 quotes, at most 6 bytes per character (a \\uXXXX escape; UTF-8
-    takes at most 4)."""
-    return 6 * len(text) + 2
-
-
 def _loose_size(user_bytes: int, events: Sequence[Event], stored: dict[str, Any] | None) -> int:
     """An upper bound of `_DeltaEstimate`'s size for all of `events` in one piece, without serialising: each
-    term of the estimate with every string's JSON length replaced by `_json_bound` (the estimate only grows
-    as events are added, so no prefix exceeds it either). `_json_bound` is written out here (6 * length + 2):
-    this runs for every event."""
+    term of the estimate with every string's JSON length replaced by 6 * its length + 2, at least orjson's
+    length for any string (2 quotes, at most 6 bytes per character: a \\uXXXX escape; UTF-8 takes at most 4).
+    The estimate only grows as events are added, so no prefix exceeds it either. Written out without helper
+    calls: this runs for every event."""
     total = _FIXED + 2 * user_bytes
     embedding = 0
     interests: set[str] = set()

@@ -19,8 +19,9 @@ class BatchHistogram(Collector):
     """A histogram observed a batch of values at a time, exposed like prometheus_client's `Histogram` (same
     buckets, `_bucket`/`_sum`/`_count`; no `_created`).
 
-    prometheus_client's `observe` takes a lock and increments two guarded values per observation (~3-4 us
-    here): for the delta lag, on every delta, that was 3-4 % of the click/search path's CPU per event.
+    prometheus_client's `observe` takes a lock and increments two guarded values per observation (2.1 us measured
+    alone, 0.13 us per value here): for the delta lag, on every delta, it was 3-4 % of the worker's CPU per
+    click/search event in a py-spy profile.
     """
 
     def __init__(self, name: str, documentation: str, buckets: Sequence[float],
