@@ -83,6 +83,7 @@ def install() -> None:
     """Wrap the stage boundaries; each wrapper calls the original and only takes notes."""
     import agents.ingest
     import agents.profiles
+    import stream_app.core.fold
     import stream_app.worker.folding
     from stream_app.worker.publish import Output
     from stream_app.worker.tables import ProfileTable
@@ -128,9 +129,9 @@ def install() -> None:
     agents.profiles.decode_bundle = decode_bundle
 
     folding = stream_app.worker.folding
-    original_split = folding.split_rounds
+    original_rounds = folding.fold_in_rounds
 
-    def split_rounds(events: Any, *args: Any) -> Any:
+    def fold_in_rounds(events: Any, *args: Any) -> Any:
         # Called once per fold, first thing under the fold lock: folds of both agents never overlap.
         now = time.time()
         REC.batch = {"fold_start": now}
@@ -138,10 +139,11 @@ def install() -> None:
             stamps = REC.events.get(event.event_id)
             if stamps is not None and not stamps[3]:
                 stamps[2] = now  # folded by the ingest agent: its stage ends here
-        return original_split(events, *args)
+        return original_rounds(events, *args)
 
-    folding.split_rounds = split_rounds  # type: ignore[assignment]
-    original_fold = folding.fold_batch
+    folding.fold_in_rounds = fold_in_rounds  # type: ignore[assignment]
+    core_fold = stream_app.core.fold  # fold_in_rounds calls its module's fold_batch
+    original_fold = core_fold.fold_batch
 
     def fold_batch(*args: Any, **kwargs: Any) -> Any:
         cpu = time.thread_time()
@@ -149,7 +151,7 @@ def install() -> None:
         _timed_cpu("fold", cpu)
         return folded
 
-    folding.fold_batch = fold_batch
+    core_fold.fold_batch = fold_batch
 
     original_set: Callable[..., None] = ProfileTable.__setitem__
 

@@ -6,14 +6,23 @@ events per target partition per micro-batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from schemas.events import Event, event_from_trusted_doc
-from stream_app.core.profile import ApplyResult, Delta, IncompatibleProfile, ProfileParams, ProfileState, apply
+from stream_app.core.limits import PSEUDONYM_BYTES, delta_budget, json_size, split_rounds
+from stream_app.core.profile import (
+    ApplyResult,
+    Delta,
+    IncompatibleProfile,
+    ProfileParams,
+    ProfileState,
+    ProfileTooLarge,
+    apply,
+)
 
 
 def encode_bundle(events: Sequence[Event]) -> bytes:
@@ -61,10 +70,23 @@ class FoldedBatch:
     failures: list[FoldFailure] = field(default_factory=list)
     events: int = 0
     duplicates: int = 0
+    # Users whose delta would not fit the budget `fold_batch` was given: nothing of theirs is recorded above.
+    oversize: list[str] = field(default_factory=list)
+
+    def merge(self, other: FoldedBatch) -> None:
+        """Add a fold of other users' events (the same round: each user at most once)."""
+        self.writes.update(other.writes)
+        self.encoded.update(other.encoded)
+        self.deltas.extend(other.deltas)
+        self.failures.extend(other.failures)
+        self.events += other.events
+        self.duplicates += other.duplicates
+        self.oversize.extend(other.oversize)
 
 
 def fold_batch(
-    events: Sequence[Event], stored: Callable[[str], dict[str, Any] | None], params: ProfileParams
+    events: Sequence[Event], stored: Callable[[str], dict[str, Any] | None], params: ProfileParams,
+    budget: int | None = None,
 ) -> FoldedBatch:
     """Fold each user's events; a user whose fold raises is reported in `failures` and the rest go on.
 
@@ -72,16 +94,28 @@ def fold_batch(
     that user is recorded. The reason names the exception type and message; events carry no review text
     by now (the review agent drops it), so the message cannot leak it. `IncompatibleProfile` (a profile
     built under other settings) is raised, not reported: it is no fault of the events.
+
+    With a `budget` (bytes), a user whose delta would not fit it, or whose profile could not hold that delta,
+    is listed in `oversize` instead, with nothing recorded: `fold_in_rounds` folds those again in pieces.
     """
     folded = FoldedBatch(events=len(events))
     for user_id, user_events in group_by_user(events).items():
         try:
             new_value, result = update_profile(stored(user_id), user_id, user_events, params)
+            oversize = budget is not None and result.delta is not None and _over_budget(result, budget)
         except IncompatibleProfile:
             raise  # the settings, not the events, are wrong: dead-lettering would drop every event of the user
+        except ProfileTooLarge as exc:
+            oversize = budget is not None  # the batch's delta did not fit beside the profile: pieces may
+            if not oversize:
+                folded.failures.append(FoldFailure(user_id, list(user_events), _failure_reason(exc)))
+                continue
         except Exception as exc:  # one user's poison must not stop the partition; each failure is dead-lettered
-            reason = f"profile update failed: {type(exc).__name__}: {exc}"[:500]
-            folded.failures.append(FoldFailure(user_id, list(user_events), reason))
+            folded.failures.append(FoldFailure(user_id, list(user_events), _failure_reason(exc)))
+            continue
+        if oversize:
+            folded.oversize.append(user_id)
+            folded.events -= len(user_events)
             continue
         if new_value is not None:
             folded.writes[user_id] = new_value
@@ -94,3 +128,43 @@ def fold_batch(
         if result.delta is not None:
             folded.deltas.append((result.delta, False))
     return folded
+
+
+def _failure_reason(exc: Exception) -> str:
+    return f"profile update failed: {type(exc).__name__}: {exc}"[:500]
+
+
+def _over_budget(result: ApplyResult, budget: int) -> bool:
+    """Whether the delta, sent under a pseudonym as long as any (PROFILE_PSEUDONYM_KEY), could exceed
+    `budget` bytes. The new state's JSON, serialised by the fold anyway, holds this delta in its outbox, so its
+    length bounds the delta's: the delta itself is serialised only when the whole state is over the budget."""
+    slack = PSEUDONYM_BYTES
+    if result.encoded is not None and len(result.encoded) + slack <= budget:
+        return False
+    return json_size(result.delta) + slack > budget
+
+
+def fold_in_rounds(
+    events: Sequence[Event], stored: Callable[[str], dict[str, Any] | None], params: ProfileParams
+) -> Iterator[FoldedBatch]:
+    """A micro-batch folded in rounds, each user at most once per round, every delta within
+    `delta_budget(params.max_record_bytes)` (the table value keeps room for the profile beside its newest delta).
+
+    Nearly always one round: every user's events are folded at once and each delta's real size checked. A
+    user whose delta would not fit (a bot, a long backlog) is folded again from the stored state, the events
+    cut into pieces by `split_rounds`' size estimate, one piece per round: several consecutive versions instead
+    of one oversized delta. The caller stores each round's writes before it asks for the next round: the next
+    one reads them back through `stored`.
+    """
+    budget = delta_budget(params.max_record_bytes)
+    first = fold_batch(events, stored, params, budget)
+    if not first.oversize:
+        yield first
+        return
+    oversize = set(first.oversize)
+    first.oversize = []
+    rounds = split_rounds([e for e in events if e.user_id in oversize], stored, params.max_record_bytes)
+    first.merge(fold_batch(rounds[0], stored, params))
+    yield first
+    for round_events in rounds[1:]:
+        yield fold_batch(round_events, stored, params)

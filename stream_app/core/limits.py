@@ -27,7 +27,7 @@ RECORD_OVERHEAD_BYTES: Final = 128
 DELTA_SHARE: Final = 4
 _FLOAT: Final = 26  # the longest float orjson writes (24 characters) plus separators
 _FIXED: Final = 1024  # key names, version, as_of, landmark, half-life, activity of 4 types, rating, sentiment
-_PSEUDONYM: Final = 66  # a pseudonymised user id, quoted
+PSEUDONYM_BYTES: Final = 66  # a pseudonymised user id (PROFILE_PSEUDONYM_KEY), quoted
 _SUM_FIELDS: Final = ("interests", "keywords")
 
 
@@ -120,7 +120,7 @@ def user_chunks(user_id: str, events: Sequence[Event], stored: dict[str, Any] | 
     An event that alone exceeds the budget is a piece of its own (its delta is still far under the record
     limit: every field of an event is bounded by the input contract).
     """
-    user_bytes = max(json_size(user_id), _PSEUDONYM)
+    user_bytes = max(json_size(user_id), PSEUDONYM_BYTES)
     if _loose_size(user_bytes, events, stored) <= budget:
         return [list(events)]  # the usual case, ~5x cheaper than the exact estimate below
     return _exact_chunks(user_bytes, events, stored, budget)

@@ -22,8 +22,7 @@ import faust
 from faust.types import Message
 
 from schemas.events import Event
-from stream_app.core.fold import fold_batch
-from stream_app.core.limits import split_rounds
+from stream_app.core.fold import fold_in_rounds
 from stream_app.core.profile import ProfileParams
 from stream_app.core.triage import Rejection
 from stream_app.kafka.partitioning import partition_for_user
@@ -52,8 +51,7 @@ class Folder:
         profiles, output = self.profiles, self.output
         async with self.lock:
             # Rounds keep each delta within the record limit: a user with a big batch gets several versions.
-            for round_events in split_rounds(events, profiles.get, self.settings.max_record_bytes):
-                folded = fold_batch(round_events, profiles.get, self.params)
+            for folded in fold_in_rounds(events, profiles.stored, self.params):
                 for failure in folded.failures:
                     for event in failure.events:
                         message = messages[id(event)]

@@ -37,6 +37,14 @@ class ProfileTable(Table[str, Any]):
         self._unconfirmed.append(sent)
         return sent
 
+    def stored(self, key: str) -> dict[str, Any] | None:
+        """`self.get(key)`, without the KeyError that `Mapping.get` raises and catches inside Faust's lookup for
+        every user the table does not hold yet (~1-2 us per event on a backlog of new users). The table-get
+        sensor still sees each lookup."""
+        self.on_key_get(key)
+        store = self.data
+        return store[key] if key in store else None
+
     async def write_many(self, values: Mapping[str, dict[str, Any]], encoded: Mapping[str, bytes]) -> None:
         """`self[key] = value` for each, with the changelog records handed straight to the producer.
 

@@ -396,3 +396,14 @@ async def test_deltas_leave_in_one_batch_per_partition_keyed_and_partitioned_as_
         assert topic == worker.topics.profile_deltas.get_topic_name()
         assert orjson.loads(value) == delta
         assert partition == DefaultPartitioner()(key, partitions, partitions)
+
+
+def test_the_folds_table_lookup_answers_none_for_a_new_user_and_still_reaches_the_table_get_sensor(
+    worker: WorkerApp,
+) -> None:
+    profiles = worker.profiles
+    with patch.object(profiles, "_sensor_on_get") as on_get:
+        assert profiles.stored("nobody") is None
+        profiles.data["u1"] = {"user_id": "u1"}
+        assert profiles.stored("u1") == {"user_id": "u1"} == profiles.get("u1")
+    assert [call.args for call in on_get.call_args_list] == [(profiles, "nobody"), (profiles, "u1"), (profiles, "u1")]

@@ -133,7 +133,7 @@ async def test_a_crashing_agent_makes_ready_fail_and_exits_with_code_70(
     def broken(*_args: Any, **_kwargs: Any) -> Any:  # an injected fault outside the per-user isolation
         raise RuntimeError("injected fault")
 
-    monkeypatch.setattr(stream_app.worker.folding, "fold_batch", broken)
+    monkeypatch.setattr(stream_app.worker.folding, "fold_in_rounds", broken)
     assert worker.readiness["agents_running"]()
     with record_outputs(worker) as sent:
         async with worker.agents["update_profiles"].test_context() as agent:

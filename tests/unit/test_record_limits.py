@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import orjson
@@ -11,8 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas.events import Event, event_from_trusted_doc
-from stream_app.core import limits
-from stream_app.core.fold import fold_batch
+from stream_app.core import fold, limits
 from stream_app.core.limits import delta_budget, json_size, split_rounds
 from stream_app.core.profile import ProfileParams, ProfileState, ProfileTooLarge, apply, bound_record
 from stream_app.core.replica import ProfileReplicas
@@ -34,9 +34,10 @@ def bot_user_events(user: str = "bot") -> list[Event]:
 
 def fold_in_rounds(events: list[Event], params: ProfileParams,
                    table: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The worker's fold (`Folder.fold`), with a dict as the table: each round written before the next."""
     deltas: list[dict[str, Any]] = []
-    for round_events in split_rounds(events, table.get, params.max_record_bytes):
-        folded = fold_batch(round_events, table.get, params)
+    for folded in fold.fold_in_rounds(events, table.get, params):
+        assert not folded.failures and not folded.oversize
         table.update(folded.writes)
         deltas.extend(delta for delta, _ in folded.deltas)
     return deltas
@@ -83,6 +84,62 @@ def test_a_redelivered_batch_re_emits_the_newest_delta_from_the_trimmed_outbox()
     again = fold_in_rounds(events[-1:], params, table)
     assert again == [deltas[-1]]
     assert ProfileState.from_dict(table["bot"]).version == deltas[-1]["version"]
+
+
+def test_a_delta_between_the_budget_and_the_record_limit_is_cut_into_versions_that_fit() -> None:
+    # 60 clicks of distinct 300-character categories: a ~20 KB delta, over the 16 KB budget of a 64 KB limit,
+    # yet small enough that the profile could hold it: only its measured size sends the user to pieces.
+    params = ProfileParams(half_life_s=86400.0, weights=WEIGHTS, top_k=500, max_record_bytes=LIMIT)
+    events = [Event(f"c{i}", "u1", 1.7e9 + i, "click", category=f"{i:03d}" + "c" * 297, item_id="i")
+              for i in range(60)]
+    whole = apply(ProfileState("u1"), events, params)  # does not raise: the profile could hold this delta
+    assert delta_budget(LIMIT) < json_size(whole.delta) < LIMIT // 2
+
+    table: dict[str, dict[str, Any]] = {}
+    deltas = fold_in_rounds(events, params, table)
+    assert [d["version"] for d in deltas] == list(range(1, len(deltas) + 1)) and len(deltas) >= 2
+    assert max(json_size(d) for d in deltas) <= delta_budget(LIMIT)
+    assert [eid for d in deltas for eid in d["event_ids"]] == [e.event_id for e in events]
+
+
+def test_a_batch_whose_size_estimate_is_over_the_budget_but_whose_delta_fits_stays_one_version() -> None:
+    # The estimate allows each key's value and a dropped key as long as the longest beside it; measured, it fits
+    # (and the state, over the budget itself, does not settle it: the delta is measured on its own).
+    params = ProfileParams(half_life_s=86400.0, weights=WEIGHTS, top_k=50, max_record_bytes=LIMIT)
+    events = [Event(f"c{i}", "u1", 1.7e9 + i, "click", category=f"{i:02d}" + "c" * 198, item_id="i")
+              for i in range(50)]
+    assert len(split_rounds(events, {}.get, LIMIT)) > 1  # the estimate alone would cut it
+    deltas = fold_in_rounds(events, params, {})
+    assert len(deltas) == 1 and json_size(deltas[0]) <= delta_budget(LIMIT)
+
+
+def test_the_budget_leaves_room_for_a_pseudonym_in_place_of_the_user_id() -> None:
+    # A batch whose delta, under the one-letter user id, is 10 bytes under the budget: sent under a 64-character
+    # pseudonym it would not be, so it must be cut.
+    params = ProfileParams(half_life_s=86400.0, weights=WEIGHTS, top_k=500, max_record_bytes=LIMIT)
+    events = [Event(f"c{i}", "u", 1.7e9 + i, "click", category=f"{i:03d}" + "c" * 297, item_id="i")
+              for i in range(48)]
+    pad = delta_budget(LIMIT) - 10 - json_size(apply(ProfileState("u"), events, params).delta)
+    events[-1] = dataclasses.replace(events[-1], category=events[-1].category + "c" * pad)
+    assert json_size(apply(ProfileState("u"), events, params).delta) == delta_budget(LIMIT) - 10
+
+    deltas = fold_in_rounds(events, params, {})
+    assert len(deltas) > 1
+    for delta in deltas:
+        assert json_size({**delta, "user_id": "f" * 64}) <= delta_budget(LIMIT)
+
+
+def test_a_user_whose_profile_cannot_fit_even_in_pieces_is_reported_not_retried_forever() -> None:
+    params = ProfileParams(half_life_s=86400.0, weights=WEIGHTS, top_k=500, max_record_bytes=LIMIT)
+    stored = {"big": ProfileState("big", half_life_s=86400.0, landmark=1.7e9, version=1,
+                                  keywords={f"{'k' * 1000}{i}": 1.0 for i in range(100)}).to_dict()}
+    events = [Event("e1", "big", 1.7e9, "search", query="hello"),
+              Event("e2", "small", 1.7e9, "click", category="shoes", item_id="i")]
+    rounds = list(fold.fold_in_rounds(events, stored.get, params))
+    assert len(rounds) == 1
+    assert [(f.user_id, [e.event_id for e in f.events]) for f in rounds[0].failures] == [("big", ["e1"])]
+    assert "ProfileTooLarge" in rounds[0].failures[0].reason
+    assert list(rounds[0].writes) == ["small"] and rounds[0].events == 2
 
 
 def test_a_profile_that_cannot_fit_raises_instead_of_writing_an_oversized_record() -> None:
@@ -137,7 +194,7 @@ def test_the_quick_bound_never_changes_how_a_users_events_are_cut(
     batch = [Event(f"e{i}-{eid}", "u1", 1.7e9 + i, "search" if query else "click", category=category,
                    query=query, embedding=[0.5] * dims if dims else None)
              for i, (eid, category, query, dims) in enumerate(events)]
-    user_bytes = max(json_size("u1"), limits._PSEUDONYM)
+    user_bytes = max(json_size("u1"), limits.PSEUDONYM_BYTES)
     assert limits.user_chunks("u1", batch, stored, budget) == limits._exact_chunks(user_bytes, batch, stored, budget)
 
 
@@ -146,9 +203,9 @@ def test_the_quick_bound_is_at_least_the_exact_estimate_for_escaped_and_wide_tex
     events = [Event("e\x01\x02", "u1", 1.7e9, "click", category="\x1f" * 30),
               Event("e2", "u1", 1.7e9, "search", query="😀😀 漢字漢字 \x07\x07 plain")]
     stored = {"keywords": {"\x00" * 20: 1.0}, "interests": {"ü" * 10: 1.0}}
-    estimate = limits._DeltaEstimate(max(json_size("u1"), limits._PSEUDONYM), {
+    estimate = limits._DeltaEstimate(max(json_size("u1"), limits.PSEUDONYM_BYTES), {
         name: max((json_size(k) for k in stored[name]), default=0) for name in ("interests", "keywords")})
     for event in events:
         size, new_keys, max_key = estimate.size_with(event)
         estimate.add(event, new_keys, max_key)
-    assert limits._loose_size(max(json_size("u1"), limits._PSEUDONYM), events, stored) >= size
+    assert limits._loose_size(max(json_size("u1"), limits.PSEUDONYM_BYTES), events, stored) >= size
