@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from faust import StreamT
-from faust.streams import Stream
 from faust.types import AgentT, Message
 
 from schemas.events import Event
 from stream_app.core.fold import decode_bundle
 from stream_app.core.triage import Rejection
 from stream_app.ops import metrics
+from stream_app.worker.batches import take_batches
 
 if TYPE_CHECKING:
     from stream_app.worker.app import WorkerApp
@@ -29,9 +29,8 @@ def register(worker: WorkerApp) -> AgentT:
     settings = worker.settings
 
     async def update_profiles(stream: StreamT[bytes]) -> AsyncIterator[int]:
-        # take_events (events, not values) is on the concrete Stream; we need each message's value bytes.
-        batches = cast(Stream[bytes], stream).take_events(settings.batch_max, within=settings.batch_within_s)
-        async for batch in batches:
+        # Events, not values: we need each message's value bytes.
+        async for batch in take_batches(stream, settings.batch_max, settings.batch_within_s):
             events: list[Event] = []
             origin: dict[int, Message] = {}  # id(event) -> the by-user message it came in
             for stream_event in batch:

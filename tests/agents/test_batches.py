@@ -1,0 +1,147 @@
+"""take_batches: Faust's take_events semantics (sizes, window, acknowledgement after the batch, rebalance drops),
+read straight from the agent's channel."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from faust.events import Event
+from faust.types import TP, EventT
+from faust.types.tuples import ConsumerMessage
+
+from stream_app.encoding.encoder import FakeEncoder
+from stream_app.ops.settings import Settings
+from stream_app.worker.app import WorkerApp, build_worker
+from stream_app.worker.batches import take_batches
+
+TOPIC = "clicks"
+
+
+@pytest.fixture
+def worker() -> Iterator[WorkerApp]:
+    built = build_worker(Settings(), encoder=FakeEncoder())
+    built.app.flow_control.resume()  # as the running worker's, between rebalances
+    yield built
+    built.encoder.stop()
+
+
+class Feed:
+    """A stream of the worker's app whose channel we fill with events as the conductor delivers them (one
+    reference per subscribed stream)."""
+
+    def __init__(self, worker: WorkerApp, acking: bool = True) -> None:
+        self.app = worker.app
+        self.stream = self.app.stream(self.app.channel())
+        self.queue = aiter(self.stream.channel).queue
+        if acking:
+            self.app.topics._acking_topics.add(TOPIC)
+        self.offset = 0
+
+    def put(self, count: int, generation: int | None = None) -> list[ConsumerMessage]:
+        messages = []
+        for _ in range(count):
+            message = ConsumerMessage(TOPIC, 0, self.offset, 0.0, 0, [], b"u1", f"v{self.offset}".encode(), None,
+                              generation_id=self.app.consumer_generation_id if generation is None else generation)
+            message.incref()
+            self.queue.put_nowait(Event(self.app, message.key, message.value, {}, message))
+            messages.append(message)
+            self.offset += 1
+        return messages
+
+    def batches(self, max_: int = 3, within: float = 0.05) -> AsyncIterator[list[EventT]]:
+        return take_batches(self.stream, max_, within)
+
+
+def values(batch: list[EventT]) -> list[bytes]:
+    return [event.value for event in batch]
+
+
+async def test_batches_hold_at_most_max_events_in_order_and_a_short_one_leaves_after_the_window(
+    worker: WorkerApp,
+) -> None:
+    feed = Feed(worker)
+    feed.put(7)
+    batches = feed.batches(max_=3, within=0.05)
+    assert values(await anext(batches)) == [b"v0", b"v1", b"v2"]
+    assert values(await anext(batches)) == [b"v3", b"v4", b"v5"]
+    assert values(await asyncio.wait_for(anext(batches), timeout=10)) == [b"v6"]
+    feed.put(1)  # arrives while the window of the next batch is open
+    assert values(await asyncio.wait_for(anext(batches), timeout=10)) == [b"v7"]
+    await batches.aclose()
+
+
+async def test_a_batch_is_acknowledged_only_when_the_agent_asks_for_the_next_one(worker: WorkerApp) -> None:
+    feed = Feed(worker)
+    consumer = worker.app.consumer
+    first = feed.put(3)
+    batches = feed.batches(max_=3)
+    await anext(batches)
+    assert all(m.tracked and not m.acked and m.refcount == 1 for m in first)
+    assert all(m in consumer._unacked_messages for m in first)  # what wait_empty waits for on a rebalance
+    feed.put(3)
+    await anext(batches)
+    assert all(m.acked and m.refcount == 0 for m in first)
+    assert not any(m in consumer._unacked_messages for m in first)
+    assert list(consumer._acked[TP(TOPIC, 0)]) == [0, 1, 2]  # committable
+    await batches.aclose()
+
+
+async def test_a_batch_whose_processing_failed_is_never_acknowledged(worker: WorkerApp) -> None:
+    feed = Feed(worker)
+    taken = feed.put(2)
+    batches = feed.batches(max_=2)
+    await anext(batches)
+    with pytest.raises(RuntimeError, match="send failed"):
+        await batches.athrow(RuntimeError("send failed"))
+    assert not any(m.acked for m in taken) and all(m.refcount == 1 for m in taken)
+    assert all(m in worker.app.consumer._unacked_messages for m in taken)
+
+
+async def test_events_of_an_older_generation_or_taken_during_a_rebalance_are_dropped_unacknowledged(
+    worker: WorkerApp,
+) -> None:
+    feed = Feed(worker)
+    stale = feed.put(2, generation=worker.app.consumer_generation_id - 1)
+    fresh = feed.put(1)
+    batches = feed.batches(max_=3, within=0.05)
+    assert values(await asyncio.wait_for(anext(batches), timeout=10)) == [b"v2"]
+    assert not any(m.acked or m.tracked for m in stale)
+
+    worker.app.flow_control.suspend()
+    during = feed.put(2)
+    waiting = asyncio.ensure_future(anext(batches))
+    await asyncio.sleep(0.2)  # several windows: nothing is taken while the flow is suspended
+    assert not waiting.done() and not any(m.tracked for m in during)
+    worker.app.flow_control.resume()
+    after = feed.put(1)
+    assert values(await asyncio.wait_for(waiting, timeout=10)) == [b"v5"]
+    assert fresh[0].acked and not after[0].acked
+    await batches.aclose()
+
+
+async def test_non_acking_topics_are_not_tracked_and_the_end_of_the_channel_ends_the_batches(
+    worker: WorkerApp,
+) -> None:
+    feed = Feed(worker, acking=False)
+    taken = feed.put(2)
+    batches = feed.batches(max_=5, within=0.05)
+    assert values(await asyncio.wait_for(anext(batches), timeout=10)) == [b"v0", b"v1"]
+    last = feed.put(1)
+    waiting = asyncio.ensure_future(anext(batches))
+    await asyncio.sleep(0)  # it takes v2, then waits for more inside the window
+    feed.queue._throw(StopAsyncIteration())  # how a channel ends (a test context stopping)
+    assert values(await asyncio.wait_for(waiting, timeout=10)) == [b"v2"]  # what was taken still goes out
+    with pytest.raises(StopAsyncIteration):
+        await anext(batches)
+    assert not any(m.tracked for m in taken + last) and all(m.acked for m in taken + last)
+
+
+@pytest.mark.parametrize(("max_", "within"), [(0, 0.05), (5, 0.0)])
+async def test_a_batch_size_below_one_or_a_window_of_zero_is_refused(
+    worker: WorkerApp, max_: int, within: float
+) -> None:
+    with pytest.raises(ValueError, match="max_ >= 1 and within > 0"):
+        await anext(take_batches(Feed(worker).stream, max_, within))
+
