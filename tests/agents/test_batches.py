@@ -39,13 +39,16 @@ class Feed:
             self.app.topics._acking_topics.add(TOPIC)
         self.offset = 0
 
-    def put(self, count: int, generation: int | None = None) -> list[ConsumerMessage]:
+    def put(self, count: int, generation: int | None = None, partition: int = 0,
+            queue: bool = True) -> list[ConsumerMessage]:
         messages = []
         for _ in range(count):
-            message = ConsumerMessage(TOPIC, 0, self.offset, 0.0, 0, [], b"u1", f"v{self.offset}".encode(), None,
-                              generation_id=self.app.consumer_generation_id if generation is None else generation)
+            message = ConsumerMessage(TOPIC, partition, self.offset, 0.0, 0, [], b"u1", f"v{self.offset}".encode(),
+                                      None, generation_id=self.app.consumer_generation_id if generation is None
+                                      else generation)
             message.incref()
-            self.queue.put_nowait(Event(self.app, message.key, message.value, {}, message))
+            if queue:
+                self.queue.put_nowait(Event(self.app, message.key, message.value, {}, message))
             messages.append(message)
             self.offset += 1
         return messages
@@ -85,6 +88,30 @@ async def test_a_batch_is_acknowledged_only_when_the_agent_asks_for_the_next_one
     assert all(m.acked and m.refcount == 0 for m in first)
     assert not any(m in consumer._unacked_messages for m in first)
     assert list(consumer._acked[TP(TOPIC, 0)]) == [0, 1, 2]  # committable
+    await batches.aclose()
+
+
+async def test_acknowledging_a_batch_leaves_the_consumer_as_faust_s_own_stream_ack_does(worker: WorkerApp) -> None:
+    feed = Feed(worker)
+    consumer = worker.app.consumer
+    ours = feed.put(4, partition=0)
+    ours[1].incref()  # a second stream still holds this one
+    feed.offset = 0
+    theirs = feed.put(4, partition=1, queue=False)
+    theirs[1].incref()
+    batches = feed.batches(max_=4)
+    await anext(batches)
+    for message in theirs:  # what take_events does: tracked on the way in, Stream.ack after the batch
+        message.tracked = True
+        consumer.track_message(message)
+        await feed.stream.ack(Event(worker.app, message.key, message.value, {}, message))
+    feed.put(1)
+    await anext(batches)  # acknowledges ours
+    assert [(m.acked, m.refcount) for m in ours] == [(m.acked, m.refcount) for m in theirs] == [
+        (True, 0), (False, 1), (True, 0), (True, 0)]
+    assert list(consumer._acked[TP(TOPIC, 0)]) == list(consumer._acked[TP(TOPIC, 1)]) == [0, 2, 3]
+    assert [m in consumer._unacked_messages for m in ours] == [m in consumer._unacked_messages for m in theirs] == [
+        False, True, False, False]
     await batches.aclose()
 
 
