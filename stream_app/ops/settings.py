@@ -172,7 +172,12 @@ class Settings(BaseSettings):
         return self.input_topics[event_type]
 
     def event_type_of_topic(self, topic: str) -> str | None:
-        return next((event_type for event_type, name in self.input_topics.items() if name == topic), None)
+        # `input_topics` inverted, without building the map: triage asks this for every event (~5 us that way).
+        if topic == self.topic_clicks:
+            return "click"
+        if topic == self.topic_searches:
+            return "search"
+        return "review" if topic == self.topic_reviews else None
 
     def weight_for(self, event_type: str) -> float:
         return {"click": self.weight_click, "search": self.weight_search, "review": self.weight_review}[event_type]

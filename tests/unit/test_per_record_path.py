@@ -1,6 +1,6 @@
 """Per-record shortcuts give what the code they replace gives: the raw topics' decoding
 (stream_app/worker/topics.py), the end-offset gauge and the batch-observed delta-lag histogram
-(stream_app/ops/metrics.py)."""
+(stream_app/ops/metrics.py), the topic -> event type lookup of triage (stream_app/ops/settings.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from faust.types import TP
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from stream_app.ops import metrics
+from stream_app.ops.settings import Settings
 from stream_app.worker.topics import RawBytes
 
 TOPIC = TP("clicks", 3)
@@ -84,3 +85,15 @@ def test_a_batch_histogram_exposes_what_prometheus_clients_histogram_exposes_for
     assert histogram_lines(generate_latest(mine)) == histogram_lines(generate_latest(registry))
     assert mine.get_sample_value("lag_seconds_bucket", {"le": "0.01"}) == 2
     assert mine.get_sample_value("lag_seconds_count") == 9
+
+
+@pytest.mark.parametrize("topics", [{}, {"topic_clicks": "c", "topic_searches": "s", "topic_reviews": "r"},
+                                    {"topic_clicks": "same", "topic_searches": "same"}])
+def test_the_event_type_of_a_topic_inverts_the_input_topic_map(topics: dict[str, str]) -> None:
+    settings = Settings(**topics)
+    inverted: dict[str, str] = {}
+    for event_type, topic in settings.input_topics.items():
+        inverted.setdefault(topic, event_type)  # the first type of a shared name, as the map's order gives
+    for topic, event_type in inverted.items():
+        assert settings.event_type_of_topic(topic) == event_type
+    assert settings.event_type_of_topic("orders") is None
