@@ -1,12 +1,12 @@
 """Record-size limits: what keeps every record the engine writes under `PROFILE_MAX_RECORD_BYTES`.
 
 Stock Apache Kafka refuses a record batch over `message.max.bytes` (1,048,588 by default). What grows with a
-batch or a user is bounded here, without Kafka: a user's micro-batch is split into rounds so that each
-delta fits a quarter of the limit (`split_rounds`), which leaves the table value room for the profile, the
-de-duplication ids and the newest delta of its outbox (`stream_app.core.profile` trims the rest).
+batch or a user is bounded here, without Kafka: the micro-batch of a user whose delta would not fit a quarter
+of the limit (`stream_app.core.fold.fold_in_rounds` measures it) is split into rounds (`split_rounds`), which
+leaves the table value room for the profile, the de-duplication ids and the newest delta of its outbox
+(`stream_app.core.profile` trims the rest).
 
-Sizes are upper estimates of orjson's output (Faust's table codec is orjson too), never a serialisation:
-this runs for every event.
+Sizes are upper estimates of orjson's output (Faust's table codec is orjson too), never a serialisation.
 """
 
 from __future__ import annotations

@@ -9,8 +9,10 @@ consuming nothing on that agent's topics: a zombie). Every agent is therefore su
 raises, the crash is recorded (`/ready` answers 503 and names it) and the process exits at once with
 `EXIT_AGENT_CRASHED`, or `EXIT_INCOMPATIBLE_STATE` when a stored profile was built under other settings.
 The exit is immediate, like a kill -9, on purpose: the crashed micro-batch must not be acknowledged and
-committed on the way out (Faust acks a `take_events` batch when its generator closes), so that a restarted
-worker gets that input again; crash safety already covers a worker that vanishes (docs/crash-safety.md).
+committed on the way out (Faust acks a `take_events` batch when its generator closes; the review agent takes its
+batches that way, the others through `take_batches`, which never acknowledges a failed batch), so that a
+restarted worker gets that input again; crash safety already covers a worker that vanishes
+(docs/crash-safety.md).
 """
 
 from __future__ import annotations
