@@ -106,10 +106,10 @@ def fold_batch(
         except IncompatibleProfile:
             raise  # the settings, not the events, are wrong: dead-lettering would drop every event of the user
         except ProfileTooLarge as exc:
-            oversize = budget is not None  # the batch's delta did not fit beside the profile: pieces may
-            if not oversize:
+            if budget is None:
                 folded.failures.append(FoldFailure(user_id, list(user_events), _failure_reason(exc)))
                 continue
+            oversize = True  # the batch's delta did not fit beside the profile: in pieces it may
         except Exception as exc:  # one user's poison must not stop the partition; each failure is dead-lettered
             folded.failures.append(FoldFailure(user_id, list(user_events), _failure_reason(exc)))
             continue

@@ -89,8 +89,7 @@ def _loose_size(user_bytes: int, events: Sequence[Event], stored: dict[str, Any]
     """An upper bound of `_DeltaEstimate`'s size for all of `events` in one piece, without serialising: each
     term of the estimate with every string's JSON length replaced by 6 * its length + 2, at least orjson's
     length for any string (2 quotes, at most 6 bytes per character: a \\uXXXX escape; UTF-8 takes at most 4).
-    The estimate only grows as events are added, so no prefix exceeds it either. Written out without helper
-    calls: this runs for every event."""
+    The estimate only grows as events are added, so no prefix exceeds it either."""
     total = _FIXED + 2 * user_bytes
     embedding = 0
     interests: set[str] = set()
@@ -122,7 +121,7 @@ def user_chunks(user_id: str, events: Sequence[Event], stored: dict[str, Any] | 
     """
     user_bytes = max(json_size(user_id), PSEUDONYM_BYTES)
     if _loose_size(user_bytes, events, stored) <= budget:
-        return [list(events)]  # the usual case, ~5x cheaper than the exact estimate below
+        return [list(events)]  # ~5x cheaper than the exact estimate below
     return _exact_chunks(user_bytes, events, stored, budget)
 
 
@@ -147,9 +146,9 @@ def split_rounds(
 ) -> list[list[Event]]:
     """A micro-batch as rounds to fold one after the other: round i holds piece i of every user's events.
 
-    Folding each round gives each user at most one delta per round, within `delta_budget`. Usually there is
-    one round; a user with a big batch (a bot, a backlog) gets several consecutive versions instead of one
-    oversized delta.
+    Folding each round gives each user at most one delta per round, within `delta_budget`: a user with a big
+    batch (a bot, a backlog) gets several consecutive versions instead of one oversized delta. The worker calls
+    this only for the users whose delta, folded whole, did not fit (`stream_app.core.fold.fold_in_rounds`).
     """
     budget = delta_budget(max_record_bytes)
     by_user: dict[str, list[Event]] = {}
