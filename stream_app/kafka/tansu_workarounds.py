@@ -17,9 +17,11 @@ without it.
    fail: `exactly_once` is refused up front with a clear message.
 4. Faust hard-codes fetch_max_wait_ms=1500; on Tansu a fetch that finds nothing new waits that long even
    when records arrive meanwhile (no early return), so every hop costs up to the whole wait: 1500 ms gave
-   ~1 s event-to-delta latency, 100 ms up to 100 ms per hop (two hops). 25 ms: at most 50 ms over both hops,
-   for ~2% of a core more idle polling in the worker and ~6% in the broker than 100 ms (10 ms would cost
-   ~4% and ~10%: the polling competes with the encoder on small machines); see docs/benchmarks.md.
+   ~1 s event-to-delta latency. 100 ms: up to 100 ms per hop, and the hop is one for events that arrive on
+   their user's partition (folded where they land), two for the others. Shorter waits poll more, and on a
+   small machine the polling takes CPU from the review encoder: an idle worker and the broker used 5.7 % +
+   10.3 % of a core at 25 ms, 3.3 % + 4.5 % at 100 ms; produce -> delta p99 at 500/s rose from 43-47 to
+   77-80 ms (one hop) and from 76-96 to 134-136 ms (two hops). See docs/benchmarks.md.
 5. ListOffsets by timestamp (offsets-for-times) answers offset 0 whatever the timestamp, so a replay
    `--since T` would start at the beginning. We find the first record with timestamp >= T by reading the
    partition (the embedded broker holds demo- and test-sized data in memory; real Kafka has an index).
@@ -37,7 +39,7 @@ from stream_app.ops.settings import Settings
 
 SESSION_TIMEOUT_S: Final = 6.0
 HEARTBEAT_INTERVAL_S: Final = 1.0
-FETCH_MAX_WAIT_MS: Final = 25
+FETCH_MAX_WAIT_MS: Final = 100
 
 TANSU_CLUSTER_ID_PREFIX: Final = "tansu"
 
