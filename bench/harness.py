@@ -80,14 +80,19 @@ async def produce(
     return sent_at
 
 
-async def follow_deltas(settings: Settings) -> AsyncGenerator[list[tuple[float, list[str]]], None]:
-    """From the beginning of the deltas topic, forever: (arrival wall time, event ids) per delta, per fetch.
+async def follow_deltas(settings: Settings, *, fetch_max_wait_ms: int = 20, create_time: bool = False,
+                        ) -> AsyncGenerator[list[tuple[float, list[str]]], None]:
+    """From the beginning of the deltas topic, forever: (time, event ids) per delta, per fetch.
 
+    The time is `time.perf_counter()` at arrival here, or with `create_time` the delta record's create time
+    (`time.time()` seconds, stamped by the worker's producer): then how often this reader polls does not
+    matter, so a long `fetch_max_wait_ms` can spare the shared cores (the embedded broker holds a fetch that
+    finds nothing for the whole wait, and answers each poll with CPU the measured worker would use).
     Yields every ~100 ms, an empty list when nothing arrived, so callers can check their deadlines.
     """
     from aiokafka.structs import TopicPartition
 
-    client = consumer(settings, fetch_max_wait_ms=20, max_partition_fetch_bytes=4 * 1024 * 1024)
+    client = consumer(settings, fetch_max_wait_ms=fetch_max_wait_ms, max_partition_fetch_bytes=4 * 1024 * 1024)
     await client.start()
     try:
         tps = [TopicPartition(settings.topic_deltas, p) for p in range(settings.partitions)]
@@ -96,17 +101,20 @@ async def follow_deltas(settings: Settings) -> AsyncGenerator[list[tuple[float, 
         while True:
             batch = await client.getmany(timeout_ms=100, max_records=10_000)
             now = time.perf_counter()
-            yield [(now, orjson.loads(record.value)["event_ids"]) for records in batch.values() for record in records]
+            yield [(record.timestamp / 1000 if create_time else now, orjson.loads(record.value)["event_ids"])
+                   for records in batch.values() for record in records]
     finally:
         await client.stop()
 
 
-async def tail_deltas(settings: Settings, expected_events: int, timeout_s: float) -> list[tuple[float, list[str]]]:
-    """(arrival wall time, event ids) of every delta until `expected_events` distinct events are covered."""
+async def tail_deltas(settings: Settings, expected_events: int, timeout_s: float, *, fetch_max_wait_ms: int = 20,
+                      create_time: bool = False) -> list[tuple[float, list[str]]]:
+    """(time, event ids) of every delta, as `follow_deltas` gives them, until `expected_events` distinct
+    events are covered."""
     arrivals: list[tuple[float, list[str]]] = []
     covered: set[str] = set()
     deadline = time.monotonic() + timeout_s
-    follower = follow_deltas(settings)
+    follower = follow_deltas(settings, fetch_max_wait_ms=fetch_max_wait_ms, create_time=create_time)
     try:
         async for fetched in follower:
             arrivals.extend(fetched)
