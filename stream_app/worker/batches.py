@@ -21,12 +21,14 @@ be committed. Unlike `take_events`, a batch whose processing raised is never ack
 it when the abandoned generator is finalised): the worker stops on the error, and the batch comes again.
 
 Window, as `take_events`: a batch leaves when it holds `max_` events, or when `within` seconds have passed since
-the previous batch was finished (or since the last empty window) and it holds at least one.
+the previous batch was finished (or since the last empty window) and it holds at least one. An idle agent waits
+for its next event without waking up at each window end; windows are counted as if it had.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -55,7 +57,16 @@ async def take_batches(stream: StreamT[Any], max_: int, within: float) -> AsyncI
         while not (ended or stream.should_stop):
             while len(events) < max_:
                 try:
-                    if queue.empty():
+                    if queue.empty() and not events:
+                        # Nothing is held back: wait for the first event without a timer. An idle agent that
+                        # woke up at every window end would poll (~0.5 % of a core per agent at 20 ms, CPU
+                        # the review encoder wants); the batch still leaves at the end of the window the event
+                        # arrived in, as if the windows had been ticking meanwhile.
+                        item = await queue.get()
+                        now = loop.time()
+                        if now >= deadline:
+                            deadline += within * (math.floor((now - deadline) / within) + 1)
+                    elif queue.empty():
                         remaining = deadline - loop.time()
                         if remaining <= 0:
                             break

@@ -75,6 +75,32 @@ async def test_batches_hold_at_most_max_events_in_order_and_a_short_one_leaves_a
     await batches.aclose()
 
 
+async def test_an_idle_agent_sets_no_timer_and_its_next_batch_still_waits_out_the_window(
+    worker: WorkerApp, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    timers = 0
+    real_timeout = asyncio.timeout
+
+    def counted(delay: float | None) -> asyncio.Timeout:
+        nonlocal timers
+        timers += 1
+        return real_timeout(delay)
+
+    monkeypatch.setattr("stream_app.worker.batches.asyncio.timeout", counted)
+    feed = Feed(worker)
+    batches = feed.batches(max_=3, within=0.02)
+    waiting = asyncio.ensure_future(anext(batches))
+    await asyncio.sleep(0.3)  # fifteen windows with nothing to take
+    assert not waiting.done() and timers == 0
+    feed.put(1)
+    await asyncio.sleep(0)  # the first event is taken, its window is open
+    assert not waiting.done()
+    feed.put(1)  # arrives within the same window: leaves with the first
+    assert values(await asyncio.wait_for(waiting, timeout=10)) == [b"v0", b"v1"]
+    assert timers >= 1  # the open window is timed
+    await batches.aclose()
+
+
 async def test_a_batch_is_acknowledged_only_when_the_agent_asks_for_the_next_one(worker: WorkerApp) -> None:
     feed = Feed(worker)
     consumer = worker.app.consumer
