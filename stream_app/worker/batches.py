@@ -57,7 +57,9 @@ async def take_batches(stream: StreamT[Any], max_: int, within: float) -> AsyncI
         while not (ended or stream.should_stop):
             while len(events) < max_:
                 try:
-                    if queue.empty() and not events:
+                    if not queue.empty():
+                        item = queue.get_nowait()
+                    elif not events:
                         # Nothing is held back: wait for the first event without a timer. An idle agent that
                         # woke up at every window end would poll (~0.5 % of a core per agent at 20 ms, CPU
                         # the review encoder wants); the batch still leaves at the end of the window the event
@@ -66,7 +68,7 @@ async def take_batches(stream: StreamT[Any], max_: int, within: float) -> AsyncI
                         now = loop.time()
                         if now >= deadline:
                             deadline += within * (math.floor((now - deadline) / within) + 1)
-                    elif queue.empty():
+                    else:
                         remaining = deadline - loop.time()
                         if remaining <= 0:
                             break
@@ -75,8 +77,6 @@ async def take_batches(stream: StreamT[Any], max_: int, within: float) -> AsyncI
                                 item = await queue.get()
                         except TimeoutError:
                             break
-                    else:
-                        item = queue.get_nowait()
                 except StopAsyncIteration:  # thrown into the channel when it ends (as Faust's iterator ends)
                     ended = True
                     break
