@@ -28,6 +28,7 @@ from stream_app.encoding.sentiment_branch import (
     model_fingerprint,
     read_header,
 )
+from stream_app.encoding.shapes import bucketed_length, bucketed_rows
 
 if TYPE_CHECKING:
     from stream_app.ops.settings import Settings
@@ -107,6 +108,8 @@ class ModelInputs:
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
+    #: texts in the batch: the first `rows` rows; any after them only pad the shape and are dropped
+    rows: int
 
     @property
     def padded_tokens(self) -> int:
@@ -128,9 +131,11 @@ class BertEncoder:
         sentiment_head: SentimentHead | None = None,
         sentiment_branch: Path | str | None = None,
         warm_up: bool = True,
+        shape_buckets: bool = False,
     ) -> None:
         """Sentiment: the linear `sentiment_head` when one is given, else the branch weights file
-        `sentiment_branch` (default: the committed one), which must have been trained on this model."""
+        `sentiment_branch` (default: the committed one), which must have been trained on this model.
+        `shape_buckets`: on the CPU, pad batches to shapes from a bounded set (`stream_app.encoding.shapes`)."""
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as transformers_logging
 
@@ -155,6 +160,8 @@ class BertEncoder:
         model_limit = int(getattr(model.config, "max_position_embeddings", max_length))
         self.max_length = min(max_length, model_limit)
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
+        # Only oneDNN builds kernels per shape; on CUDA the extra padding would be pure waste.
+        self.shape_buckets = shape_buckets and self.device.type == "cpu"
         self.sentiment: SentimentHead | None = sentiment_head
         self.branch: SentimentBranch | None = None
         if sentiment_head is not None:
@@ -175,7 +182,8 @@ class BertEncoder:
         head = SentimentHead.load(Path(settings.sentiment_head)) if settings.sentiment_head else None
         return cls(settings.encoder_model, device=settings.encoder_device, precision=settings.encoder_precision,
                    max_length=settings.encoder_max_length, threads=settings.encoder_threads or _default_threads(),
-                   sentiment_head=head, sentiment_branch=branch_path(settings))
+                   sentiment_head=head, sentiment_branch=branch_path(settings),
+                   shape_buckets=settings.encoder_shape_buckets)
 
     # -- TextEncoder ---------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
@@ -183,16 +191,25 @@ class BertEncoder:
                                  return_attention_mask=False, return_token_type_ids=False)
         return [list(ids) for ids in encoded["input_ids"]]
 
+    def padded_shape(self, rows: int, longest: int) -> tuple[int, int]:
+        if not self.shape_buckets:
+            return rows, longest
+        return bucketed_rows(rows), bucketed_length(longest, self.max_length)
+
     def collate(self, token_ids: Sequence[Sequence[int]]) -> ModelInputs:
-        longest = max(len(ids) for ids in token_ids)
-        input_ids = torch.full((len(token_ids), longest), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(token_ids), longest), dtype=torch.long)
+        rows, width = self.padded_shape(len(token_ids), max(len(ids) for ids in token_ids))
+        input_ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((rows, width), dtype=torch.long)
         for row, ids in enumerate(token_ids):
             input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
             attention_mask[row, : len(ids)] = 1
+        # Filler rows repeat the first text: a real sequence, so no row is all padding (an all-masked row's
+        # attention is undefined), and their results are dropped in `run`.
+        input_ids[len(token_ids):] = input_ids[0]
+        attention_mask[len(token_ids):] = attention_mask[0]
         if self.device.type == "cuda":
             input_ids, attention_mask = input_ids.pin_memory(), attention_mask.pin_memory()
-        return ModelInputs(input_ids, attention_mask)
+        return ModelInputs(input_ids, attention_mask, len(token_ids))
 
     def forward(self, inputs: ModelInputs) -> list[Encoded]:
         embeddings, scores = self.embed_and_score(inputs)
@@ -225,8 +242,10 @@ class BertEncoder:
         with torch.inference_mode(), self._autocast():
             output = self.model(input_ids=input_ids, attention_mask=mask,
                                 output_hidden_states=hidden_layer is not None)
-        shared = output.hidden_states[hidden_layer] if hidden_layer is not None else None
-        hidden = output.last_hidden_state.float()
+        rows = inputs.rows
+        shared = output.hidden_states[hidden_layer][:rows] if hidden_layer is not None else None
+        hidden = output.last_hidden_state[:rows].float()
+        mask = mask[:rows]
         weights = mask.unsqueeze(-1).float()
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
         return torch.nn.functional.normalize(pooled, p=2, dim=1).cpu(), shared, mask

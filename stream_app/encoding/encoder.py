@@ -33,8 +33,12 @@ class TextEncoder(Protocol):
         """Token ids per text, truncated to max_length (special tokens included). Thread-safe."""
         ...
 
+    def padded_shape(self, rows: int, longest: int) -> tuple[int, int]:
+        """(rows, tokens per row) that `collate` pads a batch of `rows` texts, the longest `longest`, to."""
+        ...
+
     def collate(self, token_ids: Sequence[Sequence[int]]) -> Any:
-        """Model inputs for one forward batch, padded to its longest member. Thread-safe."""
+        """Model inputs for one forward batch, padded to `padded_shape`. Thread-safe."""
         ...
 
     def forward(self, inputs: Any) -> list[Encoded]:
@@ -57,6 +61,9 @@ class FakeEncoder:
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         return [list(text.encode()[: self.max_length]) or [0] for text in texts]
+
+    def padded_shape(self, rows: int, longest: int) -> tuple[int, int]:
+        return rows, longest
 
     def collate(self, token_ids: Sequence[Sequence[int]]) -> list[list[int]]:
         return [list(ids) for ids in token_ids]

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,25 +28,32 @@ from stream_app.ops import metrics
 log = logging.getLogger(__name__)
 
 
-def plan_batches(token_counts: Sequence[int], *, max_batch_tokens: int, max_batch_size: int) -> list[list[int]]:
+def plan_batches(token_counts: Sequence[int], *, max_batch_tokens: int, max_batch_size: int,
+                 padded_shape: Callable[[int, int], tuple[int, int]] | None = None) -> list[list[int]]:
     """Indices of the texts grouped into forward batches, shortest first.
 
-    A batch's padded size is len(batch) x its longest text; it stays <= max_batch_tokens unless a single
-    text is longer than the budget on its own (then that text is a batch by itself: truncation to the
-    model's max length already bounds it).
+    A batch's padded size is `padded_shape(len(batch), its longest text)` (default: exactly that) multiplied
+    out; it stays <= max_batch_tokens unless a single text is longer than the budget on its own (then that
+    text is a batch by itself: truncation to the model's max length already bounds it).
     """
+    shape = padded_shape or _exact_shape
     order = sorted(range(len(token_counts)), key=lambda i: (token_counts[i], i))
     batches: list[list[int]] = []
     current: list[int] = []
     for index in order:
         longest = token_counts[index]  # ascending order: the newcomer is the longest
-        if current and (len(current) >= max_batch_size or (len(current) + 1) * longest > max_batch_tokens):
+        full = len(current) >= max_batch_size or math.prod(shape(len(current) + 1, longest)) > max_batch_tokens
+        if current and full:
             batches.append(current)
             current = []
         current.append(index)
     if current:
         batches.append(current)
     return batches
+
+
+def _exact_shape(rows: int, longest: int) -> tuple[int, int]:
+    return rows, longest
 
 
 @dataclass
@@ -153,14 +161,14 @@ class EncoderPipeline:
             try:
                 token_ids = self.encoder.tokenize(job.texts)
                 plan = plan_batches([len(ids) for ids in token_ids], max_batch_tokens=self.max_batch_tokens,
-                                    max_batch_size=self.max_batch_size)
+                                    max_batch_size=self.max_batch_size, padded_shape=self.encoder.padded_shape)
                 job.results = [None] * len(job.texts)
                 job.pending = len(plan)  # set before the first batch leaves: the forward thread counts down
                 for indices in plan:
                     if job.failed:
                         break
                     rows = [token_ids[i] for i in indices]
-                    padded = len(rows) * max(len(ids) for ids in rows)
+                    padded = math.prod(self.encoder.padded_shape(len(rows), max(len(ids) for ids in rows)))
                     self._batches.put(_Batch(job, indices, self.encoder.collate(rows), padded))
             except Exception as exc:  # noqa: BLE001 - handed to the awaiting coroutine, which decides
                 log.warning("tokenising a review batch failed: %s", type(exc).__name__)

@@ -102,6 +102,10 @@ class Settings(BaseSettings):
     encoder_max_length: int = Field(256, ge=8, description="tokens per review after truncation")
     encoder_batch_tokens: int = Field(8192, ge=8, description="padded tokens per forward pass (texts x longest)")
     encoder_batch_size: int = Field(128, ge=1, description="reviews per forward pass")
+    encoder_shape_buckets: bool = Field(
+        True, description="CPU: pad forward batches to shapes from a bounded set, so oneDNN reuses its kernels "
+        "(false: exact shapes, a kernel build and ~1 MiB kept per new shape; stream_app/encoding/shapes.py)"
+    )
     encoder_preload: bool = Field(
         True, description="load and warm up the model at worker start; false: on the first review (review-less runs)"
     )

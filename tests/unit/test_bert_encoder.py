@@ -113,6 +113,24 @@ def test_bf16_on_cpu_stays_close_to_fp32(real_encoder: BertEncoder) -> None:
         assert cosine(a.embedding, b.embedding) > 0.999
 
 
+def test_shape_buckets_pad_a_cpu_batch_and_change_no_result() -> None:
+    texts = (REVIEWS * 4)[:11]
+    exact = BertEncoder(precision="fp32", warm_up=False, threads=2)
+    padded = BertEncoder(precision="fp32", warm_up=False, threads=2, shape_buckets=True)
+    token_ids = exact.tokenize(texts)
+    longest = max(len(ids) for ids in token_ids)
+    inputs = padded.collate(token_ids)
+    assert inputs.rows == 11 and tuple(inputs.input_ids.shape) == (12, -(-longest // 8) * 8)
+    assert tuple(exact.collate(token_ids).input_ids.shape) == (11, longest)
+    # The filler row is a copy of a real text, never a fully masked one.
+    assert inputs.attention_mask[11].tolist() == inputs.attention_mask[0].tolist()
+    got, want = padded.forward(inputs), exact.forward(exact.collate(token_ids))
+    assert len(got) == 11
+    for a, b in zip(got, want, strict=True):
+        assert max(abs(x - y) for x, y in zip(a.embedding, b.embedding, strict=True)) < 1e-5
+        assert abs(a.sentiment - b.sentiment) < 1e-5
+
+
 def test_precision_rules() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_precision("auto", cuda) == "fp16"
