@@ -19,6 +19,7 @@ import orjson
 from bench import click_search, latency, reviews
 from stream_app.encoding import prefer_passive_omp_threads
 from stream_app.kafka.embedded_broker import EmbeddedBroker
+from stream_app.ops.logging_setup import quiet_third_party_output
 from stream_app.ops.settings import Settings
 
 RESULTS = Path(__file__).with_name("results.json")
@@ -41,7 +42,10 @@ def machine() -> dict[str, Any]:
 
 
 def main() -> int:
-    prefer_passive_omp_threads(os.environ)  # the encoder ceiling runs here: same threads policy as the worker
+    # The encoder ceilings run in processes started from here: same threads policy as the worker, and no
+    # progress bar per model load in the table.
+    prefer_passive_omp_threads(os.environ)
+    quiet_third_party_output()
     from stream_app.encoding.bert_encoder import cpu_supports_bf16
 
     started = time.perf_counter()
