@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from bench import click_search, latency, reviews
-from stream_app.encoding import prefer_passive_omp_threads
+from stream_app.encoding import bound_kernel_caches, prefer_passive_omp_threads
 from stream_app.kafka.embedded_broker import EmbeddedBroker
 from stream_app.ops.logging_setup import quiet_third_party_output
 from stream_app.ops.settings import Settings
@@ -45,6 +45,7 @@ def main() -> int:
     # The encoder ceilings run in processes started from here: same threads policy as the worker, and no
     # progress bar per model load in the table.
     prefer_passive_omp_threads(os.environ)
+    bound_kernel_caches(os.environ)
     quiet_third_party_output()
     from stream_app.encoding.bert_encoder import cpu_supports_bf16
 

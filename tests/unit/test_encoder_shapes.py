@@ -1,9 +1,11 @@
-"""CPU batch shapes from a bounded set: padding rules, and plans that keep the padded shape under the budget."""
+"""CPU batch shapes from a bounded set: padding rules, plans that keep the padded shape under the budget, and the
+bound on the kernel caches."""
 
 from __future__ import annotations
 
 import random
 
+from stream_app.encoding import KERNEL_CACHE_ENTRIES, bound_kernel_caches
 from stream_app.encoding.pipeline import plan_batches
 from stream_app.encoding.shapes import bucketed_length, bucketed_rows
 
@@ -40,3 +42,13 @@ def test_plans_keep_the_padded_shape_under_the_token_budget() -> None:
     # Exact shapes fit more texts in a batch: the padded plan may need more passes, never fewer.
     assert len(plan) >= len(plan_batches(counts, max_batch_tokens=8192, max_batch_size=128))
     assert len({padded(len(b), max(counts[i] for i in b)) for b in plan}) < len(plan)  # shapes repeat
+
+
+def test_kernel_caches_are_bounded_unless_the_operator_chose_a_size() -> None:
+    environ: dict[str, str] = {}
+    bound_kernel_caches(environ)
+    assert environ == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": KERNEL_CACHE_ENTRIES,
+                       "LRU_CACHE_CAPACITY": KERNEL_CACHE_ENTRIES}
+    chosen = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}
+    bound_kernel_caches(chosen)
+    assert chosen == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": KERNEL_CACHE_ENTRIES}
