@@ -13,7 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from bench.harness import new_deployment, percentile, produce, tail_deltas, wait_ready
-from stream_app.encoding import bound_kernel_caches, prefer_passive_omp_threads
+from stream_app.encoding import torch_process_defaults
 from stream_app.encoding.pipeline import plan_batches
 from stream_app.kafka.embedded_broker import EmbeddedBroker
 from stream_app.ops.settings import Settings
@@ -55,8 +55,7 @@ def encoder_ceiling(settings: Settings, texts: list[str]) -> dict[str, Any]:
 
 
 def _encoder_ceiling_here(settings: Settings, texts: list[str]) -> dict[str, Any]:
-    prefer_passive_omp_threads(os.environ)  # as the worker does, before torch loads
-    bound_kernel_caches(os.environ)
+    torch_process_defaults(os.environ)  # as the worker does, before torch loads
     from stream_app.encoding.bert_encoder import BertEncoder
 
     encoder = BertEncoder.from_settings(settings)  # warmed up as the worker's is

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from bench import click_search, latency, reviews
-from stream_app.encoding import bound_kernel_caches, prefer_passive_omp_threads
+from stream_app.encoding import torch_process_defaults
 from stream_app.kafka.embedded_broker import EmbeddedBroker
 from stream_app.ops.logging_setup import quiet_third_party_output
 from stream_app.ops.settings import Settings
@@ -42,10 +42,9 @@ def machine() -> dict[str, Any]:
 
 
 def main() -> int:
-    # The encoder ceilings run in processes started from here: same threads policy as the worker, and no
+    # The encoder ceilings run in processes started from here: the worker's torch defaults, and no
     # progress bar per model load in the table.
-    prefer_passive_omp_threads(os.environ)
-    bound_kernel_caches(os.environ)
+    torch_process_defaults(os.environ)
     quiet_third_party_output()
     from stream_app.encoding.bert_encoder import cpu_supports_bf16
 

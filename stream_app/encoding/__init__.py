@@ -31,3 +31,9 @@ def bound_kernel_caches(environ: MutableMapping[str, str]) -> None:
     """
     environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", KERNEL_CACHE_ENTRIES)
     environ.setdefault("LRU_CACHE_CAPACITY", KERNEL_CACHE_ENTRIES)
+
+
+def torch_process_defaults(environ: MutableMapping[str, str]) -> None:
+    """Every default above, for a process that will run the encoder: call before importing torch."""
+    prefer_passive_omp_threads(environ)
+    bound_kernel_caches(environ)

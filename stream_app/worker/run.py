@@ -6,7 +6,7 @@ import asyncio
 import gc
 import os
 
-from stream_app.encoding import bound_kernel_caches, prefer_passive_omp_threads
+from stream_app.encoding import torch_process_defaults
 from stream_app.kafka import tansu_workarounds
 from stream_app.kafka.clients import ensure_topics
 from stream_app.ops.logging_setup import configure_logging, logging_config, quiet_third_party_output, start_json_stdio
@@ -14,8 +14,7 @@ from stream_app.ops.settings import get_settings
 
 
 def run_worker() -> None:
-    prefer_passive_omp_threads(os.environ)  # before anything imports torch
-    bound_kernel_caches(os.environ)
+    torch_process_defaults(os.environ)  # before anything imports torch
     # First, before anything can print: with PROFILE_LOG_FORMAT=json every output line must be JSON.
     start_json_stdio(os.environ)
     quiet_third_party_output()
