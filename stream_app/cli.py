@@ -150,7 +150,8 @@ def _cmd_train_sentiment(args: argparse.Namespace) -> int:
                                  else args.drug_train_fraction),
             query_top=defaults.query_top if args.query_top is None else args.query_top,
             head_embedding=defaults.head_embedding if args.head_embedding is None else args.head_embedding,
-            ema_decay=defaults.ema_decay if args.ema_decay is None else args.ema_decay)
+            ema_decay=defaults.ema_decay if args.ema_decay is None else args.ema_decay,
+            rating_weight=defaults.rating_weight if args.rating_weight is None else args.rating_weight)
         report = branch_training.train(out, limit=args.limit, progress=not args.quiet, config=config,
                                        device=args.device,
                                        cache_dir=Path(args.cache_dir) if args.cache_dir else None)
@@ -254,6 +255,8 @@ def parser() -> argparse.ArgumentParser:
                        help="the head also reads the profile embedding")
     train.add_argument("--ema-decay", type=float, default=None,
                        help="keep (and choose the epoch on) a moving average of the weights; 0: off")
+    train.add_argument("--rating-weight", type=float, default=None,
+                       help="weight of the auxiliary 5-star rating loss (training-only head); 0: off")
     train.add_argument("--rescore", default=None, metavar="FILE",
                        help="do not train: score a branch file trained elsewhere (e.g. on a GPU) with this "
                             "machine's encoder on the held-out data and write it, stamped for this model, to --out")

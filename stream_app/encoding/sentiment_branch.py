@@ -193,6 +193,12 @@ class SentimentBranch(nn.Module):
                ) -> torch.Tensor:
         """Uncalibrated logits from the shared hidden states below the branch; mask (batch, tokens) 0/1;
         `embedding` (batch, d): the profile embedding, needed when the head reads it."""
+        return self.head(self.head_dropout(self.features(hidden, mask, embedding)))
+
+    def features(self, hidden: torch.Tensor, mask: torch.Tensor, embedding: torch.Tensor | None = None,
+                 ) -> torch.Tensor:
+        """What the head reads: the pooled branch output (and the profile embedding, if the head reads it).
+        Training may put an auxiliary head on it too."""
         keep = mask.bool()[:, None, None, :]
         full = self.layers[:-1] if self.query_top else self.layers
         for layer in full:
@@ -207,7 +213,7 @@ class SentimentBranch(nn.Module):
             if embedding is None:
                 raise ValueError("this branch's head reads the profile embedding: pass it")
             pooled = torch.cat([pooled, embedding.to(pooled.dtype) * embedding_scale(self.shape)], dim=-1)
-        return self.head(self.head_dropout(pooled))
+        return pooled
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits.float() / self.temperature.float(), dim=-1)

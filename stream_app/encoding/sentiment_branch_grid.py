@@ -71,6 +71,21 @@ GRID.update({
     "polar_drugs_ema": replace(POLAR, ema_decay=0.999, drug_train_fraction=0.4),
     "polar_emb": replace(POLAR, head_embedding=True),
 })
+# Third grid (docs/sentiment.md, "The third grid"): the committed configuration's neighbours, all at its cost
+# (5' + query-only 6'): an auxiliary star-rating loss, a heavier sign loss, stronger class weights, longer and
+# gentler training. `q3_ema` (layers 4', 5' and a query-only 6') is over the encoder-time budget and there for
+# information only, as the full two-layer branches were in the first grid.
+COMMITTED = GRID["q2_polar_drugs_ema"]
+GRID.update({
+    "q2_ema_rating0.5": replace(COMMITTED, rating_weight=0.5),
+    "q2_ema_rating1": replace(COMMITTED, rating_weight=1.0),
+    "q2_ema_polar2": replace(COMMITTED, polar_weight=2.0),
+    "q2_ema_rating1_polar2": replace(COMMITTED, rating_weight=1.0, polar_weight=2.0),
+    "q2_ema_cw0.75": replace(COMMITTED, class_weight_power=0.75),
+    "q2_ema_e10": replace(COMMITTED, epochs=10),
+    "q2_ema_e10_lr1e-4": replace(COMMITTED, epochs=10, layer_lr=1e-4),
+    "q3_ema": replace(COMMITTED, branch_layers=3),
+})
 
 
 def scores(branch: Any, states: SharedStates, labels: list[int], indices: list[int],
@@ -117,7 +132,7 @@ def main(out_dir: Path, device: str, names: list[str], limit: int | None, keep: 
         layer_states = states[encoder.num_layers - config.branch_layers]
         data = assemble(config, womens, drugs, layer_states)
         branch, training = train_branch(encoder.model, data.states, data.labels, data.fit_idx, data.val_idx,
-                                        config=config, device=device, progress=False)
+                                        config=config, stars=data.stars, device=device, progress=False)
         branch = branch.to(device)  # evaluation where the states are
         womens_val = [i for i in data.val_idx if i < len(womens.texts)]
         drug_val = data.drug_val

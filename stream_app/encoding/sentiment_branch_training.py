@@ -69,6 +69,8 @@ DROPOUT = 0.1
 CLASS_WEIGHT_POWER = 0.5
 LABEL_SMOOTHING = 0.0
 POLAR_WEIGHT = 1.0
+RATING_WEIGHT = 0.0
+STARS = 5
 DRUG_TRAIN_FRACTION = 0.4
 DRUG_SPLIT_SEED = 20261127
 RELIABILITY_BINS = 10
@@ -81,6 +83,9 @@ class Corpus:
     name: str
     texts: list[str]
     labels: list[int]
+    # Star rating 1-5 per text where the corpus has one on that scale (the Women's reviews), for the
+    # auxiliary rating loss; None otherwise.
+    stars: list[int] | None = None
 
 
 def womens_corpus(limit: int | None = None) -> Corpus:
@@ -88,7 +93,7 @@ def womens_corpus(limit: int | None = None) -> Corpus:
 
     rows = [r for r in womens_reviews(limit) if r["Rating"] is not None]
     return Corpus("womens_clothing", [str(r["Review Text"]) for r in rows],
-                  [label_of_rating(int(r["Rating"])) for r in rows])
+                  [label_of_rating(int(r["Rating"])) for r in rows], [int(r["Rating"]) for r in rows])
 
 
 def drug_reviews_path() -> Path | None:
@@ -317,6 +322,9 @@ class TrainConfig:
     head_embedding: bool = HEAD_EMBEDDING
     # > 0: validate (choose the epoch) and keep an exponential moving average of the weights, updated each step.
     ema_decay: float = EMA_DECAY
+    # > 0: an auxiliary 5-way cross-entropy on the star rating (Women's reviews only), from a training-only
+    # linear head on the branch's features: finer supervision near the class boundaries (2 vs 3, 3 vs 4 stars).
+    rating_weight: float = RATING_WEIGHT
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "seed": SEED, "batch_size": BATCH_SIZE, "weight_decay": WEIGHT_DECAY,
@@ -332,10 +340,12 @@ def selection_metric(predicted: Sequence[int], positive_side: Sequence[bool], ac
 
 def train_branch(model: Any, states: SharedStates, labels: torch.Tensor, fit_idx: list[int], val_idx: list[int], *,
                  branch_layers: int | None = None, epochs: int | None = None, config: TrainConfig | None = None,
-                 device: str | torch.device = "cpu", progress: bool) -> tuple[SentimentBranch, dict[str, Any]]:
+                 stars: torch.Tensor | None = None, device: str | torch.device = "cpu",
+                 progress: bool) -> tuple[SentimentBranch, dict[str, Any]]:
     """Fine-tune a branch copied from `model`'s top layer(s) on `states` (the frozen layers' output) at
     `fit_idx`; keep the epoch with the best `selection_metric` on `val_idx`, then fit the temperature there.
-    `branch_layers` / `epochs` override `config`'s. The returned branch is on the CPU, fp32."""
+    `branch_layers` / `epochs` override `config`'s. `stars`: 1-5 per state, 0 where unknown (needed when
+    `config.rating_weight` > 0). The returned branch is on the CPU, fp32."""
     from tqdm import tqdm
 
     config = config or TrainConfig()
@@ -347,6 +357,13 @@ def train_branch(model: Any, states: SharedStates, labels: torch.Tensor, fit_idx
     branch = SentimentBranch.from_base_model(model, config.branch_layers, query_top=config.query_top,
                                              head_embedding=config.head_embedding, dropout=DROPOUT).to(device)
     average = copy.deepcopy(branch).eval() if config.ema_decay > 0 else None
+    rating_head: torch.nn.Linear | None = None
+    if config.rating_weight > 0:
+        if stars is None:
+            raise ValueError("rating_weight > 0 needs the star ratings")
+        # Training only: never saved, so the file and the serving path are unchanged.
+        rating_head = torch.nn.Linear(branch.head.in_features, STARS).to(device)
+        device_stars = (stars - 1).to(device)  # 0-4; unknown (0) becomes -1, ignored
     if states.hidden.device != device:
         states = states.to(device)
     counts = torch.bincount(labels[fit_idx], minlength=len(CLASSES)).float().clamp(min=1)
@@ -354,7 +371,8 @@ def train_branch(model: Any, states: SharedStates, labels: torch.Tensor, fit_idx
     device_labels, device_weights = labels.to(device), class_weights.to(device)
     optimizer = torch.optim.AdamW([
         {"params": list(branch.layers.parameters()), "lr": config.layer_lr},
-        {"params": list(branch.head.parameters()), "lr": config.head_lr},
+        {"params": list(branch.head.parameters())
+         + (list(rating_head.parameters()) if rating_head is not None else []), "lr": config.head_lr},
     ], weight_decay=WEIGHT_DECAY)
     steps = config.epochs * math.ceil(len(fit_idx) / BATCH_SIZE)
     warmup = max(1, steps // 20)
@@ -372,9 +390,12 @@ def train_branch(model: Any, states: SharedStates, labels: torch.Tensor, fit_idx
                 hidden, mask = states.batch(batch)
                 target = device_labels[batch]
                 embedding = states.embeddings[batch].to(device) if config.head_embedding else None
-                logits = branch.logits(hidden, mask, embedding)
+                features = branch.features(hidden, mask, embedding)
+                logits = branch.head(branch.head_dropout(features))
                 loss = torch.nn.functional.cross_entropy(logits, target, weight=device_weights,
                                                          label_smoothing=config.label_smoothing)
+                if rating_head is not None:
+                    loss = loss + config.rating_weight * rating_loss(rating_head(features), device_stars[batch])
                 if config.polar_weight > 0:
                     loss = loss + config.polar_weight * polar_loss(logits, target, device_weights)
                 optimizer.zero_grad()
@@ -410,6 +431,14 @@ def train_branch(model: Any, states: SharedStates, labels: torch.Tensor, fit_idx
     best_epoch = 1 + max(range(len(history)), key=lambda i: history[i]["validation_selection"])
     return branch, {"epochs": history, "best_epoch": best_epoch, "temperature": round(temperature, 4),
                     "class_weights": [round(w, 4) for w in class_weights.tolist()], "device": str(device)}
+
+
+def rating_loss(logits: torch.Tensor, stars: torch.Tensor) -> torch.Tensor:
+    """5-way cross-entropy on the star index (0-4) where known (-1: not rated on that scale); 0 if none is."""
+    known = stars >= 0
+    if not bool(known.any()):
+        return logits.sum() * 0.0
+    return torch.nn.functional.cross_entropy(logits[known], stars[known])
 
 
 def polar_loss(logits: torch.Tensor, target: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
@@ -518,6 +547,7 @@ class TrainingData:
     drug_train: list[int]  # into the drug corpus
     drug_val: list[int]
     drug_test: list[int]
+    stars: torch.Tensor  # 1-5 per state where the corpus has star ratings, else 0
 
 
 def assemble(config: TrainConfig, womens: Corpus, drugs: Corpus | None, states: dict[str, SharedStates],
@@ -528,14 +558,16 @@ def assemble(config: TrainConfig, womens: Corpus, drugs: Corpus | None, states: 
     cut = int(len(train_idx) * (1 - VALIDATION_FRACTION))
     fit_idx, val_idx = train_idx[:cut], train_idx[cut:]
     drug_train, drug_val, drug_test = drug_split(len(drugs.texts) if drugs else 0, config.drug_train_fraction)
+    womens_stars = womens.stars or [0] * len(womens.texts)
     if drugs is not None and drug_train:
         base = len(womens.texts)
         return TrainingData(SharedStates.concat([states[womens.name], states[drugs.name]]),
                             torch.tensor(womens.labels + drugs.labels), train_idx, test_idx,
                             fit_idx + [base + i for i in drug_train], val_idx + [base + i for i in drug_val],
-                            drug_train, drug_val, drug_test)
+                            drug_train, drug_val, drug_test,
+                            torch.tensor(womens_stars + (drugs.stars or [0] * len(drugs.texts))))
     return TrainingData(states[womens.name], torch.tensor(womens.labels), train_idx, test_idx, fit_idx, val_idx,
-                        drug_train, drug_val, drug_test)
+                        drug_train, drug_val, drug_test, torch.tensor(womens_stars))
 
 
 # -- the command ---------------------------------------------------------------------------------------------
@@ -571,7 +603,7 @@ def train(out: Path, *, limit: int | None = None, cache_dir: Path | None = None,
     training_states, labels = data.states, data.labels
     training_started = time.perf_counter()
     branch, training = train_branch(encoder.model, training_states, labels, fit_idx, val_idx, config=config,
-                                    device=device, progress=progress)
+                                    stars=data.stars, device=device, progress=progress)
     train_s = time.perf_counter() - training_started
 
     old_head = SentimentHead.load(DEFAULT_HEAD_PATH) if DEFAULT_HEAD_PATH.is_file() else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ from stream_app.encoding.sentiment_branch_training import (
     compute_shared_states,
     drug_split,
     polar_loss,
+    rating_loss,
     reliability,
     train_branch,
 )
@@ -258,8 +260,9 @@ def train_twice(encoder: BertEncoder, input_layer: int, config: TrainConfig) -> 
     rows = womens_reviews(48)
     states = compute_shared_states(encoder, [r["Review Text"] for r in rows], input_layer, progress=False)
     labels = torch.tensor([label_of_rating(int(r["Rating"])) for r in rows])
+    stars = torch.tensor([int(r["Rating"]) for r in rows])
     return [train_branch(encoder.model, states, labels, list(range(40)), list(range(40, 48)), config=config,
-                         progress=False) for _ in range(2)]
+                         stars=stars, progress=False) for _ in range(2)]
 
 
 def test_training_is_reproducible(plain_encoder: BertEncoder) -> None:
@@ -273,6 +276,33 @@ def test_training_a_query_branch_with_averaged_weights_is_reproducible(plain_enc
     _assert_same_runs(runs)
     branch = runs[0][0]
     assert branch.query_top and branch.head_embedding and branch.head.weight.abs().sum() > 0
+
+
+def test_the_rating_loss_changes_training_but_not_the_file(plain_encoder: BertEncoder, tmp_path: Path) -> None:
+    config = TrainConfig(branch_layers=2, epochs=1, query_top=True, head_embedding=False, ema_decay=0.0)
+    (plain, _), _ = train_twice(plain_encoder, 4, config)
+    runs = train_twice(plain_encoder, 4, replace(config, rating_weight=1.0))
+    _assert_same_runs(runs)
+    rated = runs[0][0]
+    # The auxiliary head is training-only: same tensors, same format, but other weights.
+    assert rated.state_dict().keys() == plain.state_dict().keys()
+    assert not torch.equal(rated.head.weight, plain.head.weight)
+    rated.save(tmp_path / "rated.safetensors", fingerprint=model_fingerprint(plain_encoder.model_dir))
+    loaded = SentimentBranch.load(tmp_path / "rated.safetensors", plain_encoder.model_dir)
+    assert loaded.query_top and torch.allclose(loaded.head.weight, rated.head.weight, atol=1e-2)
+
+
+def test_rating_loss_needs_the_stars_and_ignores_unrated(plain_encoder: BertEncoder) -> None:
+    logits = torch.tensor([[4.0, 0, 0, 0, 0], [0, 0, 0, 0, 4.0]])
+    assert float(rating_loss(logits, torch.tensor([-1, -1]))) == 0.0
+    assert float(rating_loss(logits, torch.tensor([0, -1]))) < float(rating_loss(logits, torch.tensor([4, -1])))
+    assert float(rating_loss(logits, torch.tensor([0, 4]))) == pytest.approx(
+        float(rating_loss(logits[:1], torch.tensor([0]))))
+    states = SharedStates(torch.zeros(4, 384, dtype=torch.float16), torch.tensor([0, 2, 4]), torch.zeros(2, 384))
+    with pytest.raises(ValueError, match="star ratings"):
+        train_branch(plain_encoder.model, states, torch.tensor([0, 2]), [0], [1],
+                     config=TrainConfig(branch_layers=1, epochs=1, query_top=False, rating_weight=1.0),
+                     progress=False)
 
 
 def _assert_same_runs(runs: list[tuple[SentimentBranch, dict]]) -> None:
