@@ -74,7 +74,7 @@ GRID.update({
 # Third grid (docs/sentiment.md, "The third grid"): the committed configuration's neighbours, all at its cost
 # (5' + query-only 6'): an auxiliary star-rating loss, a heavier sign loss, stronger class weights, longer and
 # gentler training. `q3_ema` (layers 4', 5' and a query-only 6') is over the encoder-time budget and there for
-# information only, as the full two-layer branches were in the first grid.
+# information only, as the full two-layer branches were in the first grid; `q6_ema` too.
 COMMITTED = GRID["q2_polar_drugs_ema"]
 GRID.update({
     "q2_ema_rating0.5": replace(COMMITTED, rating_weight=0.5),
@@ -85,6 +85,8 @@ GRID.update({
     "q2_ema_e10": replace(COMMITTED, epochs=10),
     "q2_ema_e10_lr1e-4": replace(COMMITTED, epochs=10, layer_lr=1e-4),
     "q3_ema": replace(COMMITTED, branch_layers=3),
+    # Every layer fine-tuned (nothing shared, a second full pass): what this model can reach on this data.
+    "q6_ema": replace(COMMITTED, branch_layers=6),
 })
 
 
