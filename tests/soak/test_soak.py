@@ -68,15 +68,14 @@ def steady_events(customers: int) -> Iterator[dict[str, Any]]:
 class LagProbe:
     """Input end offsets minus the offsets the worker's consumer group committed."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, topics: tuple[str, ...]) -> None:
         from aiokafka.structs import TopicPartition
 
         from stream_app.kafka.clients import consumer
 
         self.settings = settings
         self.client = consumer(settings, group_id=settings.app_id)
-        self.tps = [TopicPartition(topic, p) for topic in (settings.topic_clicks, settings.topic_searches)
-                    for p in range(settings.input_partitions)]
+        self.tps = [TopicPartition(topic, p) for topic in topics for p in range(settings.input_partitions)]
 
     async def start(self) -> None:
         await self.client.start()
@@ -91,11 +90,13 @@ class LagProbe:
         await self.client.stop()
 
 
-async def soak(deployment: Deployment, worker_pid: int, broker_pid: int) -> list[Sample]:
+async def soak(deployment: Deployment, worker_pid: int, broker_pid: int, events: Iterator[dict[str, Any]], *,
+               rate: float, duration_s: float, input_topics: tuple[str, ...]) -> list[Sample]:
+    """Send `events` at `rate` for `duration_s`, sampling every INTERVAL_S while the deltas arrive."""
     settings = deployment.settings
     sent_at: dict[str, float] = {}
-    producer = asyncio.create_task(produce(settings, steady_events(CUSTOMERS), rate=RATE, sent_at=sent_at))
-    probe = LagProbe(settings)
+    producer = asyncio.create_task(produce(settings, events, rate=rate, sent_at=sent_at))
+    probe = LagProbe(settings, input_topics)
     await probe.start()
     samples: list[Sample] = []
     follower = follow_deltas(settings)
@@ -132,7 +133,7 @@ async def soak(deployment: Deployment, worker_pid: int, broker_pid: int) -> list
             ))
             # Counted up to `now`: what arrives while the lag is probed belongs to the next window.
             produced_before, deltas, latencies, window_start = produced, 0, [], now
-            if now - started >= DURATION_S:
+            if now - started >= duration_s:
                 return samples
     finally:
         producer.cancel()
@@ -150,6 +151,14 @@ def slope_per_min(points: list[tuple[float, float]]) -> float:
     return 60 * sum((t - mean_t) * (v - mean_v) for t, v in points) / spread if spread else 0.0
 
 
+def print_samples(samples: list[Sample]) -> None:
+    columns = ("t s", "sent/s", "deltas/s", "events/s", "p99 ms", "lag", "RSS MiB", "broker")
+    print("\n" + " ".join(f"{name:>8}" for name in columns))
+    for s in samples:
+        print(f"{s.t_s:8.0f} {s.produced_per_s:8.0f} {s.deltas_per_s:8.0f} {s.events_per_s:8.0f} "
+              f"{s.p99_latency_ms:8.0f} {s.lag:8d} {s.worker_rss_mib:8.1f} {s.broker_rss_mib:8.1f}")
+
+
 def test_memory_and_lag_stay_bounded_at_a_steady_rate() -> None:
     with EmbeddedBroker() as broker:
         # Rounds move event time on by the data's span (~1.5 years each), decades past today: lift the
@@ -157,16 +166,15 @@ def test_memory_and_lag_stay_bounded_at_a_steady_rate() -> None:
         deployment = new_deployment(broker, PROFILE_DEDUP_WINDOW="32", PROFILE_MAX_FUTURE_S="7258118400")
         try:
             worker = deployment.start_worker()
-            samples = asyncio.run(soak(deployment, worker.pid, broker.pid))
+            settings = deployment.settings
+            samples = asyncio.run(soak(deployment, worker.pid, broker.pid, steady_events(CUSTOMERS), rate=RATE,
+                                       duration_s=DURATION_S,
+                                       input_topics=(settings.topic_clicks, settings.topic_searches)))
             assert worker.poll() is None, f"worker exited with {worker.returncode}"
         finally:
             deployment.stop()
 
-    columns = ("t s", "sent/s", "deltas/s", "events/s", "p99 ms", "lag", "RSS MiB", "broker")
-    print("\n" + " ".join(f"{name:>8}" for name in columns))
-    for s in samples:
-        print(f"{s.t_s:8.0f} {s.produced_per_s:8.0f} {s.deltas_per_s:8.0f} {s.events_per_s:8.0f} "
-              f"{s.p99_latency_ms:8.0f} {s.lag:8d} {s.worker_rss_mib:8.1f} {s.broker_rss_mib:8.1f}")
+    print_samples(samples)
 
     second_half = [s for s in samples if s.t_s > DURATION_S / 2]
     rss_slope = slope_per_min([(s.t_s, s.worker_rss_mib) for s in second_half])

@@ -1,0 +1,76 @@
+"""Review soak: one worker encoding a steady stream of real reviews for minutes; its memory must level off.
+
+`make soak` runs it with the click/search soak (REVIEW_SOAK_DURATION_S, default 180; REVIEW_SOAK_RATE reviews/s,
+default 40). Why it exists: on the CPU, oneDNN builds and keeps kernels for every batch shape it meets. With
+exact-size batches a worker at 40 reviews/s grew from 487 to 1,508 MiB in 150 s and kept growing; the worker now
+pads batches to a bounded set of shapes (`PROFILE_ENCODER_SHAPE_BUCKETS`) and caps torch's two kernel caches at
+64 entries (`stream_app.encoding.bound_kernel_caches`), after which it sat at ~710-760 MiB from the first minute
+or two (docs/benchmarks.md, "Eighth pass"). The click/search soak never runs the encoder, so it cannot see this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict
+from typing import Any
+
+import pytest
+
+from bench.harness import ROOT, new_deployment
+from bench.reviews import review_events
+from stream_app.kafka.embedded_broker import EmbeddedBroker
+from tests.soak.test_soak import INTERVAL_S, MAX_LAG_S, print_samples, slope_per_min, soak
+
+pytestmark = pytest.mark.slow
+
+DURATION_S = float(os.environ.get("REVIEW_SOAK_DURATION_S", "180"))
+RATE = float(os.environ.get("REVIEW_SOAK_RATE", "40"))
+# Allowed RSS growth from the second to the last quarter of the run: 2 % plus this. Unbounded kernel caches
+# (torch's 1,024 entries) grew ~50-70 MiB over that distance at 40/s; exact batch shapes ~200.
+RSS_MARGIN_MIB = float(os.environ.get("REVIEW_SOAK_RSS_MARGIN_MIB", "32"))
+RESULTS = ROOT / "bench" / "review-soak-results.json"
+
+
+def steady_reviews(users: int = 500) -> Iterator[dict[str, Any]]:
+    """The real Women's reviews, round after round with fresh event ids and later event times."""
+    base = review_events(22_641, users=users)
+    span = len(base) + 86_400.0
+    for round_ in itertools.count():
+        for event in base:
+            yield {**event, "event_id": f"{event['event_id']}-r{round_}", "ts": event["ts"] + round_ * span}
+
+
+def test_a_review_workers_memory_levels_off_at_a_steady_rate() -> None:
+    with EmbeddedBroker() as broker:
+        deployment = new_deployment(broker)
+        try:
+            worker = deployment.start_worker()
+            samples = asyncio.run(soak(deployment, worker.pid, broker.pid, steady_reviews(), rate=RATE,
+                                       duration_s=DURATION_S, input_topics=(deployment.settings.topic_reviews,)))
+            assert worker.poll() is None, f"worker exited with {worker.returncode}"
+        finally:
+            deployment.stop()
+    print_samples(samples)
+
+    second_quarter = [s.worker_rss_mib for s in samples if DURATION_S / 4 < s.t_s <= DURATION_S / 2]
+    last_quarter = [s.worker_rss_mib for s in samples if s.t_s > 3 * DURATION_S / 4]
+    second_half = [s for s in samples if s.t_s > DURATION_S / 2]
+    summary = {
+        "duration_s": DURATION_S, "rate": RATE, "interval_s": INTERVAL_S,
+        "events_per_s": sum(s.events_per_s for s in second_half) / len(second_half),
+        "worker_rss_mib_first": samples[0].worker_rss_mib, "worker_rss_mib_last": samples[-1].worker_rss_mib,
+        "worker_rss_mib_max_second_quarter": max(second_quarter), "worker_rss_mib_max_last_quarter": max(last_quarter),
+        "worker_rss_slope_mib_per_min_second_half": slope_per_min([(s.t_s, s.worker_rss_mib) for s in second_half]),
+        "lag_max_second_half": max(s.lag for s in second_half),
+    }
+    RESULTS.write_text(json.dumps({"summary": summary, "samples": [asdict(s) for s in samples]}, indent=1) + "\n")
+    print(json.dumps(summary, indent=1))
+
+    # The encoder keeps up: reviews reach their deltas at about the offered rate.
+    assert summary["events_per_s"] > 0.8 * RATE, summary
+    assert max(last_quarter) <= max(second_quarter) * 1.02 + RSS_MARGIN_MIB, (second_quarter, last_quarter)
+    assert summary["lag_max_second_half"] < MAX_LAG_S * RATE
