@@ -20,7 +20,7 @@ from stream_app.ops.settings import Settings
 from stream_app.tools.sample_data import womens_reviews
 
 
-def review_events(count: int, users: int = 500) -> list[dict[str, Any]]:
+def review_events(count: int | None, users: int = 500) -> list[dict[str, Any]]:
     """Real review texts and ratings; user ids and times are assigned here (the data set has neither)."""
     events = []
     for index, review in enumerate(womens_reviews(count)):

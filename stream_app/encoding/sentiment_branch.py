@@ -193,7 +193,11 @@ class SentimentBranch(nn.Module):
                ) -> torch.Tensor:
         """Uncalibrated logits from the shared hidden states below the branch; mask (batch, tokens) 0/1;
         `embedding` (batch, d): the profile embedding, needed when the head reads it."""
-        return self.head(self.head_dropout(self.features(hidden, mask, embedding)))
+        return self.classify(self.features(hidden, mask, embedding))
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Uncalibrated logits from `features` (what `features` returns)."""
+        return self.head(self.head_dropout(features))
 
     def features(self, hidden: torch.Tensor, mask: torch.Tensor, embedding: torch.Tensor | None = None,
                  ) -> torch.Tensor:

@@ -391,7 +391,7 @@ def train_branch(model: Any, states: SharedStates, labels: torch.Tensor, fit_idx
                 target = device_labels[batch]
                 embedding = states.embeddings[batch].to(device) if config.head_embedding else None
                 features = branch.features(hidden, mask, embedding)
-                logits = branch.head(branch.head_dropout(features))
+                logits = branch.classify(features)
                 loss = torch.nn.functional.cross_entropy(logits, target, weight=device_weights,
                                                          label_smoothing=config.label_smoothing)
                 if rating_head is not None:

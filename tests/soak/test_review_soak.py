@@ -11,7 +11,6 @@ or two (docs/benchmarks.md, "Eighth pass"). The click/search soak never runs the
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -23,7 +22,16 @@ import pytest
 from bench.harness import ROOT, new_deployment
 from bench.reviews import review_events
 from stream_app.kafka.embedded_broker import EmbeddedBroker
-from tests.soak.test_soak import INTERVAL_S, MAX_LAG_S, print_samples, slope_per_min, soak
+from tests.soak.test_soak import (
+    INTERVAL_S,
+    MAX_LAG_S,
+    assert_rss_levels_off,
+    print_samples,
+    replayed,
+    rss_quarters,
+    slope_per_min,
+    soak,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -36,12 +44,8 @@ RESULTS = ROOT / "bench" / "review-soak-results.json"
 
 
 def steady_reviews(users: int = 500) -> Iterator[dict[str, Any]]:
-    """The real Women's reviews, round after round with fresh event ids and later event times."""
-    base = review_events(22_641, users=users)
-    span = len(base) + 86_400.0
-    for round_ in itertools.count():
-        for event in base:
-            yield {**event, "event_id": f"{event['event_id']}-r{round_}", "ts": event["ts"] + round_ * span}
+    """Every real Women's review, round after round with fresh event ids and later event times."""
+    return replayed(review_events(None, users=users))
 
 
 def test_a_review_workers_memory_levels_off_at_a_steady_rate() -> None:
@@ -56,8 +60,7 @@ def test_a_review_workers_memory_levels_off_at_a_steady_rate() -> None:
             deployment.stop()
     print_samples(samples)
 
-    second_quarter = [s.worker_rss_mib for s in samples if DURATION_S / 4 < s.t_s <= DURATION_S / 2]
-    last_quarter = [s.worker_rss_mib for s in samples if s.t_s > 3 * DURATION_S / 4]
+    second_quarter, last_quarter = rss_quarters(samples, DURATION_S)
     second_half = [s for s in samples if s.t_s > DURATION_S / 2]
     summary = {
         "duration_s": DURATION_S, "rate": RATE, "interval_s": INTERVAL_S,
@@ -72,5 +75,5 @@ def test_a_review_workers_memory_levels_off_at_a_steady_rate() -> None:
 
     # The encoder keeps up: reviews reach their deltas at about the offered rate.
     assert summary["events_per_s"] > 0.8 * RATE, summary
-    assert max(last_quarter) <= max(second_quarter) * 1.02 + RSS_MARGIN_MIB, (second_quarter, last_quarter)
+    assert_rss_levels_off(samples, DURATION_S, RSS_MARGIN_MIB)
     assert summary["lag_max_second_half"] < MAX_LAG_S * RATE

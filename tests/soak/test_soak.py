@@ -57,12 +57,16 @@ class Sample:
     broker_rss_mib: float
 
 
-def steady_events(customers: int) -> Iterator[dict[str, Any]]:
-    base = [e for e in sample_events(customers=customers) if e["type"] in ("click", "search")]
+def replayed(base: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """`base` round after round, forever, with fresh event ids and event times moved on by its span and a day."""
     span = max(e["ts"] for e in base) - min(e["ts"] for e in base) + 86400.0
     for round_ in itertools.count():
         for event in base:
             yield {**event, "event_id": f"{event['event_id']}-r{round_}", "ts": event["ts"] + round_ * span}
+
+
+def steady_events(customers: int) -> Iterator[dict[str, Any]]:
+    return replayed([e for e in sample_events(customers=customers) if e["type"] in ("click", "search")])
 
 
 class LagProbe:
@@ -151,6 +155,17 @@ def slope_per_min(points: list[tuple[float, float]]) -> float:
     return 60 * sum((t - mean_t) * (v - mean_v) for t, v in points) / spread if spread else 0.0
 
 
+def rss_quarters(samples: list[Sample], duration_s: float) -> tuple[list[float], list[float]]:
+    """The worker's RSS samples in the second and in the last quarter of the run."""
+    return ([s.worker_rss_mib for s in samples if duration_s / 4 < s.t_s <= duration_s / 2],
+            [s.worker_rss_mib for s in samples if s.t_s > 3 * duration_s / 4])
+
+
+def assert_rss_levels_off(samples: list[Sample], duration_s: float, margin_mib: float) -> None:
+    second_quarter, last_quarter = rss_quarters(samples, duration_s)
+    assert max(last_quarter) <= max(second_quarter) * 1.02 + margin_mib, (second_quarter, last_quarter)
+
+
 def print_samples(samples: list[Sample]) -> None:
     columns = ("t s", "sent/s", "deltas/s", "events/s", "p99 ms", "lag", "RSS MiB", "broker")
     print("\n" + " ".join(f"{name:>8}" for name in columns))
@@ -195,9 +210,7 @@ def test_memory_and_lag_stay_bounded_at_a_steady_rate() -> None:
     assert len(second_half) >= 3
     # Memory: once every profile is at its bound (first quarter: warm-up), the worker's RSS stays flat. A leak
     # of 50 bytes per event would add ~9 MiB between the second and the last quarter of a 3-minute run.
-    second_quarter = [s.worker_rss_mib for s in samples if DURATION_S / 4 < s.t_s <= DURATION_S / 2]
-    last_quarter = [s.worker_rss_mib for s in samples if s.t_s > 3 * DURATION_S / 4]
-    assert max(last_quarter) <= max(second_quarter) * 1.02 + RSS_MARGIN_MIB, (second_quarter, last_quarter)
+    assert_rss_levels_off(samples, DURATION_S, RSS_MARGIN_MIB)
     # Lag: bounded, and not climbing sample after sample.
     assert summary["lag_max_second_half"] < MAX_LAG_S * RATE
     lags = [s.lag for s in second_half]
