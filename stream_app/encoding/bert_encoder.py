@@ -118,7 +118,8 @@ class ModelInputs:
 
 class BertEncoder:
     """Implements `stream_app.encoding.encoder.TextEncoder`. `tokenize`/`collate` are thread-safe CPU work;
-    `forward` must be called from one thread at a time (the encoder pipeline's forward thread)."""
+    `forward` may run in `concurrent_passes` threads at once (the encoder pipeline's forward threads): the model
+    is only read, and autocast and inference mode are per thread."""
 
     def __init__(
         self,
@@ -128,6 +129,7 @@ class BertEncoder:
         precision: str = "auto",
         max_length: int = 256,
         threads: int | None = None,
+        streams: int = 1,
         sentiment_head: SentimentHead | None = None,
         sentiment_branch: Path | str | None = None,
         warm_up: bool = True,
@@ -135,7 +137,8 @@ class BertEncoder:
     ) -> None:
         """Sentiment: the linear `sentiment_head` when one is given, else the branch weights file
         `sentiment_branch` (default: the committed one), which must have been trained on this model.
-        `shape_buckets`: on the CPU, pad batches to shapes from a bounded set (`stream_app.encoding.shapes`)."""
+        `shape_buckets`: on the CPU, pad batches to shapes from a bounded set (`stream_app.encoding.shapes`).
+        `threads`: torch's CPU threads per forward pass; `streams`: forward passes the CPU runs at once (on CUDA 1)."""
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as transformers_logging
 
@@ -149,7 +152,9 @@ class BertEncoder:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         if threads is not None and self.device.type == "cpu":
-            torch.set_num_threads(threads)
+            torch.set_num_threads(threads)  # torch's setting is per process: every stream's passes get as many
+        # On CUDA the kernels of concurrent passes would queue on one device stream: nothing to gain.
+        self.concurrent_passes = max(1, streams) if self.device.type == "cpu" else 1
         # local_files_only: a missing file must fail here, not turn into a hub download.
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
         model = AutoModel.from_pretrained(self.model_dir, local_files_only=True)
@@ -174,14 +179,16 @@ class BertEncoder:
             self.branch = (branch.half() if self.precision == "fp16" else branch).to(self.device).eval()
         if warm_up:
             self.warm_up()
-        log.info("encoder %s on %s (%s), max_length=%d, threads=%d", self.model_dir.name, self.device,
-                 self.precision, self.max_length, torch.get_num_threads())
+        log.info("encoder %s on %s (%s), max_length=%d, %d forward pass(es) at once, threads=%d each",
+                 self.model_dir.name, self.device, self.precision, self.max_length, self.concurrent_passes,
+                 torch.get_num_threads())
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BertEncoder:
         head = SentimentHead.load(Path(settings.sentiment_head)) if settings.sentiment_head else None
+        streams, threads = cpu_layout(os.cpu_count() or 1, settings.encoder_streams, settings.encoder_threads)
         return cls(settings.encoder_model, device=settings.encoder_device, precision=settings.encoder_precision,
-                   max_length=settings.encoder_max_length, threads=settings.encoder_threads or _default_threads(),
+                   max_length=settings.encoder_max_length, threads=threads, streams=streams,
                    sentiment_head=head, sentiment_branch=branch_path(settings),
                    shape_buckets=settings.encoder_shape_buckets)
 
@@ -269,7 +276,23 @@ class BertEncoder:
         return contextlib.nullcontext()
 
 
-def _default_threads() -> int:
-    # Measured on 2 cores shared with the broker: 2 torch threads gave 40-60% more reviews/s end to end than
-    # 1 (the forward pass runs off the event loop, which still gets its share); see docs/benchmarks.md.
-    return os.cpu_count() or 1
+#: Forward passes at once on the CPU unless PROFILE_ENCODER_STREAMS says otherwise.
+DEFAULT_CPU_STREAMS = 2
+
+
+def cpu_layout(cores: int, streams: int | None, threads: int | None) -> tuple[int, int]:
+    """(forward passes at once, torch threads per pass) on a CPU with `cores`, filling in what is not set.
+
+    Why more than one pass at once: torch splits each operation of a pass among its threads, and this model's
+    operations are small (a few hundred tokens x 384), so the threads spend much of a pass waiting for each
+    other at the end of every operation, and any other thread that takes a core stalls its partner until the
+    next barrier. Two passes of one thread each on 2 cores (encoder alone, same batches, fresh processes, bf16 on
+    an AMX CPU): 127-181 texts/s against 88-100 for one pass of two threads; fp32 59-64 against 42-46
+    (docs/benchmarks.md, "Eleventh pass"). Only 2 cores were measured: on more, the default keeps 2 passes and
+    gives each its share of the cores (8 threads each on 16).
+    """
+    if streams is None:
+        streams = max(1, min(DEFAULT_CPU_STREAMS, cores if threads is None else cores // threads))
+    if threads is None:
+        threads = max(1, cores // streams)
+    return streams, threads

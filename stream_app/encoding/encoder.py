@@ -28,6 +28,8 @@ class TextEncoder(Protocol):
 
     dimension: int
     max_length: int
+    #: forward passes that may run at once, each called from a thread of its own
+    concurrent_passes: int
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids per text, truncated to max_length (special tokens included). Thread-safe."""
@@ -57,6 +59,7 @@ class FakeEncoder:
     def __init__(self, dimension: int = 8, max_length: int = 128) -> None:
         self.dimension = dimension
         self.max_length = max_length
+        self.concurrent_passes = 1
         self.forward_calls: list[tuple[int, int]] = []  # (texts, padded tokens)
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:

@@ -1,9 +1,10 @@
-"""Runs a `TextEncoder` off the event loop: a tokenizer thread and a forward thread, bounded queues between.
+"""Runs a `TextEncoder` off the event loop: a tokenizer thread and forward threads, bounded queues between.
 
-Why two threads: the forward pass is the bottleneck, so the tokenizer thread prepares (tokenises, sorts,
-pads) batch n+1 while the forward thread runs batch n; torch and the Rust tokenizer release the GIL, so
-the event loop keeps serving Kafka heartbeats and fetches meanwhile. Why bounded queues: a worker that
-cannot keep up must push back on its input, not buffer reviews without limit.
+Why separate threads: the forward pass is the bottleneck, so the tokenizer thread prepares (tokenises, sorts,
+pads) batch n+1 while the forward threads run the batches before it; torch and the Rust tokenizer release the
+GIL, so the event loop keeps serving Kafka heartbeats and fetches meanwhile. One forward thread per pass the
+encoder runs at once (`concurrent_passes`: 2 on a CPU with 2+ cores by default, 1 on CUDA). Why bounded queues:
+a worker that cannot keep up must push back on its input, not buffer reviews without limit.
 
 Inside one call to `encode`, texts are sorted by token count and cut into forward batches whose padded size
 (texts x longest) stays under a token budget: similar lengths waste little padding (measured +30-35% on
@@ -106,17 +107,20 @@ class EncoderPipeline:
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
         self.queue_depth = queue_depth
+        self.forward_threads = max(1, encoder.concurrent_passes)
         self.stats = PipelineStats()
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_depth)
-        self._batches: queue.Queue[_Batch | None] = queue.Queue(maxsize=queue_depth)
+        # Enough collated batches waiting that no forward thread idles while the tokenizer works on the next.
+        self._batches: queue.Queue[_Batch | None] = queue.Queue(maxsize=max(queue_depth, self.forward_threads))
+        # Forward threads finish batches of one job in any order: results, countdown and stats change under it.
+        self._done = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._slots: asyncio.Semaphore | None = None
 
     def start(self) -> EncoderPipeline:
-        self._threads = [
-            threading.Thread(target=self._tokenize_loop, name="encoder-tokenize", daemon=True),
-            threading.Thread(target=self._forward_loop, name="encoder-forward", daemon=True),
-        ]
+        self._threads = [threading.Thread(target=self._tokenize_loop, name="encoder-tokenize", daemon=True)]
+        self._threads += [threading.Thread(target=self._forward_loop, name=f"encoder-forward-{n}", daemon=True)
+                          for n in range(self.forward_threads)]
         for thread in self._threads:
             thread.start()
         return self
@@ -156,7 +160,8 @@ class EncoderPipeline:
         while True:
             job = self._jobs.get()
             if job is None:
-                self._batches.put(None)
+                for _ in range(self.forward_threads):
+                    self._batches.put(None)
                 return
             try:
                 token_ids = self.encoder.tokenize(job.texts)
@@ -192,13 +197,15 @@ class EncoderPipeline:
                 log.warning("encoder forward pass failed: %s", type(exc).__name__)
                 job.fail(exc)
                 continue
-            self.stats.texts += len(encoded)
-            self.stats.forward_passes += 1
-            self.stats.padded_tokens += batch.padded_tokens
-            self.stats.forward_seconds += elapsed
             metrics.REVIEW_BATCH_TOKENS.observe(batch.padded_tokens)
-            for index, result in zip(batch.indices, encoded, strict=True):
-                job.results[index] = result
-            job.pending -= 1
-            if job.pending == 0:
+            with self._done:
+                self.stats.texts += len(encoded)
+                self.stats.forward_passes += 1
+                self.stats.padded_tokens += batch.padded_tokens
+                self.stats.forward_seconds += elapsed
+                for index, result in zip(batch.indices, encoded, strict=True):
+                    job.results[index] = result
+                job.pending -= 1
+                finished = job.pending == 0
+            if finished:
                 job.resolve()

@@ -98,7 +98,13 @@ class Settings(BaseSettings):
     encoder_precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: fp16 on CUDA, bf16 autocast on CPUs with native bf16, else fp32"
     )
-    encoder_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+    encoder_streams: int | None = Field(
+        None, ge=1, description="CPU: forward passes that run at once, each in a thread of its own (default: 2 where "
+        "there are 2 or more cores); CUDA: always 1"
+    )
+    encoder_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads per forward pass (default: the cores divided among the streams)"
+    )
     encoder_max_length: int = Field(256, ge=8, description="tokens per review after truncation")
     encoder_batch_tokens: int = Field(8192, ge=8, description="padded tokens per forward pass (texts x longest)")
     encoder_batch_size: int = Field(128, ge=1, description="reviews per forward pass")

@@ -16,6 +16,7 @@ from stream_app.encoding.bert_encoder import (
     BertEncoder,
     EncoderConfigurationError,
     check_configuration,
+    cpu_layout,
     default_model_dir,
     resolve_precision,
 )
@@ -83,12 +84,46 @@ async def test_pipeline_with_real_model_matches_direct_encoding(real_encoder: Be
         assert cosine(a.embedding, b.embedding) > 0.999
 
 
+async def test_two_passes_at_once_give_what_one_at_a_time_gives(real_encoder: BertEncoder,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    texts = REVIEWS * 6
+    sequential = EncoderPipeline(real_encoder, max_batch_tokens=256, max_batch_size=2).start()
+    try:
+        one_at_a_time = await sequential.encode(texts)
+    finally:
+        sequential.stop()
+    monkeypatch.setattr(real_encoder, "concurrent_passes", 2)
+    concurrent = EncoderPipeline(real_encoder, max_batch_tokens=256, max_batch_size=2).start()
+    try:
+        two_at_once = await concurrent.encode(texts)
+    finally:
+        concurrent.stop()
+    assert concurrent.forward_threads == 2 and concurrent.stats.forward_passes >= 12
+    # The same batches through the same kernels: equal, not merely close, whichever thread ran them.
+    assert two_at_once == one_at_a_time
+
+
+@pytest.mark.parametrize(("cores", "streams", "threads", "layout"), [
+    (1, None, None, (1, 1)),
+    (2, None, None, (2, 1)),  # the measured case: two single-threaded passes
+    (16, None, None, (2, 8)),
+    (2, None, 2, (1, 2)),  # an operator who asks for 2 threads per pass on 2 cores gets one pass at a time
+    (2, 1, None, (1, 2)),
+    (8, 4, None, (4, 2)),
+    (4, 3, 3, (3, 3)),  # both set: taken as given, even oversubscribed
+])
+def test_cpu_layout_fills_in_what_is_not_set(cores: int, streams: int | None, threads: int | None,
+                                             layout: tuple[int, int]) -> None:
+    assert cpu_layout(cores, streams, threads) == layout
+
+
 def test_loads_from_any_local_folder_named_in_settings(tmp_path: Path) -> None:
     copy = tmp_path / "my-minilm"
     shutil.copytree(default_model_dir(), copy)
     settings = Settings(encoder_model=str(copy), encoder_precision="fp32", encoder_max_length=64, encoder_threads=1)
     encoder = BertEncoder.from_settings(settings)
     assert encoder.model_dir == copy and encoder.precision == "fp32" and encoder.max_length == 64
+    assert encoder.concurrent_passes == min(2, os.cpu_count() or 1)  # PROFILE_ENCODER_STREAMS unset: the default
     assert len(encoder.encode(["hello"])[0].embedding) == 384
 
 

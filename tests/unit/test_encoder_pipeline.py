@@ -103,7 +103,53 @@ async def test_forward_runs_off_the_event_loop_which_stays_responsive() -> None:
     finally:
         pipeline.stop()
     assert [r.embedding for r in results] == [FakeEncoder().forward(FakeEncoder().tokenize(["one"]))[0].embedding]
-    assert encoder.threads == {"encoder-forward"}
+    assert encoder.threads == {"encoder-forward-0"}
+
+
+class PairedEncoder(FakeEncoder):
+    """Two passes at once or none: each forward pass waits at a barrier until a second pass is inside too."""
+
+    def __init__(self, concurrent_passes: int, alone_s: float = 10.0) -> None:
+        super().__init__()
+        self.concurrent_passes = concurrent_passes
+        self.barrier = threading.Barrier(2, timeout=alone_s)
+        self.threads: set[str] = set()
+        self.finished: list[str] = []
+
+    def forward(self, inputs: list[list[int]]) -> list[Encoded]:
+        self.threads.add(threading.current_thread().name)
+        self.barrier.wait()  # BrokenBarrierError after alone_s: the passes ran one after the other
+        text = bytes(inputs[0]).decode()
+        if text == "first":  # finish after the pass beside it, so the job's results arrive out of order
+            time.sleep(0.2)
+        self.finished.append(text)
+        return super().forward(inputs)
+
+
+async def test_an_encoder_that_allows_two_passes_at_once_gets_two_forward_threads() -> None:
+    encoder = PairedEncoder(concurrent_passes=2)
+    pipeline = EncoderPipeline(encoder, max_batch_tokens=1000, max_batch_size=1).start()
+    try:
+        texts = ["first", "second!"]  # one pass each, "first" planned first (shorter)
+        results = await asyncio.wait_for(pipeline.encode(texts), timeout=30)
+    finally:
+        pipeline.stop()
+    assert encoder.threads == {"encoder-forward-0", "encoder-forward-1"}
+    assert encoder.finished == ["second!", "first"]
+    assert results == FakeEncoder().forward(FakeEncoder().tokenize(texts))  # input order all the same
+    assert pipeline.stats.forward_passes == 2 and pipeline.stats.texts == 2
+    assert not pipeline.running  # stop() ended every forward thread
+
+
+async def test_one_forward_thread_when_the_encoder_allows_one_pass_at_a_time() -> None:
+    encoder = PairedEncoder(concurrent_passes=1, alone_s=0.5)
+    pipeline = EncoderPipeline(encoder, max_batch_tokens=1000, max_batch_size=1).start()
+    try:
+        with pytest.raises(threading.BrokenBarrierError):
+            await asyncio.wait_for(pipeline.encode(["first", "second!"]), timeout=30)
+    finally:
+        pipeline.stop()
+    assert encoder.threads == {"encoder-forward-0"}
 
 
 async def test_a_failing_batch_raises_to_the_caller_and_the_pipeline_keeps_serving() -> None:
