@@ -84,7 +84,8 @@ def planned_batches(encoder: Any, settings: Settings, texts: list[str]) -> list[
         chunk = texts[start : start + settings.review_batch_max]
         token_ids = encoder.tokenize(chunk)
         for indices in plan_batches([len(ids) for ids in token_ids], max_batch_tokens=settings.encoder_batch_tokens,
-                                    max_batch_size=settings.encoder_batch_size, padded_shape=encoder.padded_shape):
+                                    max_batch_size=settings.encoder_batch_size, padded_shape=encoder.padded_shape,
+                                    min_batches=encoder.concurrent_passes):
             batches.append(encoder.collate([token_ids[i] for i in indices]))
     return batches
 

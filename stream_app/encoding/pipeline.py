@@ -30,12 +30,17 @@ log = logging.getLogger(__name__)
 
 
 def plan_batches(token_counts: Sequence[int], *, max_batch_tokens: int, max_batch_size: int,
-                 padded_shape: Callable[[int, int], tuple[int, int]] | None = None) -> list[list[int]]:
+                 padded_shape: Callable[[int, int], tuple[int, int]] | None = None,
+                 min_batches: int = 1) -> list[list[int]]:
     """Indices of the texts grouped into forward batches, shortest first.
 
     A batch's padded size is `padded_shape(len(batch), its longest text)` (default: exactly that) multiplied
     out; it stays <= max_batch_tokens unless a single text is longer than the budget on its own (then that
     text is a batch by itself: truncation to the model's max length already bounds it).
+
+    `min_batches`: split the batches with the most texts in two until there are that many (while a batch has two
+    texts), so that a small micro-batch still keeps every forward thread busy: at a light load, one pass on one
+    core would otherwise leave the other idle and double the latency.
     """
     shape = padded_shape or _exact_shape
     order = sorted(range(len(token_counts)), key=lambda i: (token_counts[i], i))
@@ -50,6 +55,12 @@ def plan_batches(token_counts: Sequence[int], *, max_batch_tokens: int, max_batc
         current.append(index)
     if current:
         batches.append(current)
+    while len(batches) < min_batches:
+        widest = max(range(len(batches)), key=lambda b: len(batches[b]))
+        if len(batches[widest]) < 2:
+            break
+        half = len(batches[widest]) // 2
+        batches[widest : widest + 1] = [batches[widest][:half], batches[widest][half:]]
     return batches
 
 
@@ -166,7 +177,8 @@ class EncoderPipeline:
             try:
                 token_ids = self.encoder.tokenize(job.texts)
                 plan = plan_batches([len(ids) for ids in token_ids], max_batch_tokens=self.max_batch_tokens,
-                                    max_batch_size=self.max_batch_size, padded_shape=self.encoder.padded_shape)
+                                    max_batch_size=self.max_batch_size, padded_shape=self.encoder.padded_shape,
+                                    min_batches=self.forward_threads)
                 job.results = [None] * len(job.texts)
                 job.pending = len(plan)  # set before the first batch leaves: the forward thread counts down
                 for indices in plan:

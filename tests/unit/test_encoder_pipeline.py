@@ -31,6 +31,16 @@ def test_plan_caps_batch_size() -> None:
     assert [len(b) for b in plan] == [4, 4, 2]
 
 
+def test_plan_splits_the_widest_batches_until_every_forward_thread_has_one() -> None:
+    assert plan_batches([5] * 6, max_batch_tokens=10_000, max_batch_size=8, min_batches=2) == [[0, 1, 2], [3, 4, 5]]
+    assert plan_batches([3, 9, 1, 4, 2], max_batch_tokens=10_000, max_batch_size=8, min_batches=3) == [
+        [2, 4], [0], [3, 1]]  # sorted 1 2 3 4 9: [2 4 0 3 1] -> [2 4] [0 3 1] -> the wider one again
+    assert plan_batches([7], max_batch_tokens=100, max_batch_size=8, min_batches=2) == [[0]]  # one text: one pass
+    # enough passes already: unchanged
+    assert plan_batches([5] * 10, max_batch_tokens=10_000, max_batch_size=4, min_batches=2) == [
+        [0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
 @pytest.fixture
 def pipeline() -> Any:
     running = EncoderPipeline(FakeEncoder(), max_batch_tokens=64, max_batch_size=8).start()
