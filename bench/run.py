@@ -35,6 +35,7 @@ def machine() -> dict[str, Any]:
         "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "encoder_device": settings.encoder_device, "encoder_threads": settings.encoder_threads,
+        "encoder_streams": settings.encoder_streams,
         "review_batch_max": settings.review_batch_max, "encoder_batch_tokens": settings.encoder_batch_tokens,
         "faust_message_sensors": settings.faust_message_sensors,
         "note": "broker, worker and load generator share this machine",

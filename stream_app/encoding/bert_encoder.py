@@ -284,9 +284,9 @@ def cpu_layout(cores: int, streams: int | None, threads: int | None) -> tuple[in
     """(forward passes at once, torch threads per pass) on a CPU with `cores`, filling in what is not set.
 
     Why more than one pass at once: torch splits each operation of a pass among its threads, and this model's
-    operations are small (a few hundred tokens x 384), so the threads spend much of a pass waiting for each
-    other at the end of every operation, and any other thread that takes a core stalls its partner until the
-    next barrier. Two passes of one thread each on 2 cores (encoder alone, same batches, fresh processes, bf16 on
+    operations are small (a few hundred tokens x 384): the split cost a third of the CPU (bf16, ~17 ms per text
+    with 2 threads per pass, ~11 with 1), and any other thread that takes a core stalls the partner at the next
+    barrier. Two passes of one thread each on 2 cores (encoder alone, same batches, fresh processes, bf16 on
     an AMX CPU): 127-181 texts/s against 88-100 for one pass of two threads; fp32 59-64 against 42-46
     (docs/benchmarks.md, "Eleventh pass"). Only 2 cores were measured: on more, the default keeps 2 passes and
     gives each its share of the cores (8 threads each on 16).
