@@ -5,7 +5,7 @@ The encoder is loaded once per worker and stays resident; its forward pass runs 
 pipeline's own threads, never on the event loop. Review text is dropped here: it does not travel further.
 
 Micro-batches overlap: while batch n's results are dead-lettered, sent and confirmed, batch n+1 is already
-admitted and encoding, so the forward thread does not idle for the sends, the broker's acknowledgement and
+admitted and encoding, so the forward threads do not idle for the sends, the broker's acknowledgement and
 the refill of the batch buffer. At most `BATCHES_IN_FLIGHT` batches are taken and not finished (memory stays
 bounded; the next is taken only when a slot frees). At-least-once holds because the agent keeps one extra
 reference on every message of a batch from the moment it takes the batch (Faust's conductor holds one per
@@ -40,7 +40,8 @@ if TYPE_CHECKING:
     from stream_app.worker.app import WorkerApp
 
 #: Micro-batches taken from the stream and not yet finished (sent, confirmed, released): one finishing while
-#: the next encodes is enough to keep the forward thread busy; more would only hold more input in memory.
+#: the next encodes is enough to keep the forward threads busy (a full micro-batch is several passes, a small one is
+#: split among them); more would only hold more input in memory.
 BATCHES_IN_FLIGHT: Final = 2
 
 Prepared = tuple[list[tuple[Event, Message]], list[Encoded | Exception]]

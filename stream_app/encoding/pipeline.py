@@ -39,8 +39,8 @@ def plan_batches(token_counts: Sequence[int], *, max_batch_tokens: int, max_batc
     text is a batch by itself: truncation to the model's max length already bounds it).
 
     `min_batches`: split the batches with the most texts in two until there are that many (while a batch has two
-    texts), so that a small micro-batch still keeps every forward thread busy: at a light load, one pass on one
-    core would otherwise leave the other idle and double the latency.
+    texts), so that a small micro-batch still keeps every forward thread busy: at a light load one pass on one core
+    would leave the other idle while the review waits.
     """
     shape = padded_shape or _exact_shape
     order = sorted(range(len(token_counts)), key=lambda i: (token_counts[i], i))
@@ -55,7 +55,7 @@ def plan_batches(token_counts: Sequence[int], *, max_batch_tokens: int, max_batc
         current.append(index)
     if current:
         batches.append(current)
-    while len(batches) < min_batches:
+    while batches and len(batches) < min_batches:
         widest = max(range(len(batches)), key=lambda b: len(batches[b]))
         if len(batches[widest]) < 2:
             break

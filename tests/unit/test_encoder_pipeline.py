@@ -36,6 +36,7 @@ def test_plan_splits_the_widest_batches_until_every_forward_thread_has_one() -> 
     assert plan_batches([3, 9, 1, 4, 2], max_batch_tokens=10_000, max_batch_size=8, min_batches=3) == [
         [2, 4], [0], [3, 1]]  # sorted 1 2 3 4 9: [2 4 0 3 1] -> [2 4] [0 3 1] -> the wider one again
     assert plan_batches([7], max_batch_tokens=100, max_batch_size=8, min_batches=2) == [[0]]  # one text: one pass
+    assert plan_batches([], max_batch_tokens=100, max_batch_size=8, min_batches=2) == []
     # enough passes already: unchanged
     assert plan_batches([5] * 10, max_batch_tokens=10_000, max_batch_size=4, min_batches=2) == [
         [0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
