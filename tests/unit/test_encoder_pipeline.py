@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 from collections.abc import Sequence
@@ -31,15 +32,51 @@ def test_plan_caps_batch_size() -> None:
     assert [len(b) for b in plan] == [4, 4, 2]
 
 
-def test_plan_splits_the_widest_batches_until_every_forward_thread_has_one() -> None:
+def test_plan_splits_small_micro_batches_until_every_forward_thread_has_one() -> None:
     assert plan_batches([5] * 6, max_batch_tokens=10_000, max_batch_size=8, min_batches=2) == [[0, 1, 2], [3, 4, 5]]
+    # sorted 1 2 3 4 9: padded 2x2, 2x4, 1x9; halving by count ([2 4] [0] [3 1]) would pad the last to 2x9
     assert plan_batches([3, 9, 1, 4, 2], max_batch_tokens=10_000, max_batch_size=8, min_batches=3) == [
-        [2, 4], [0], [3, 1]]  # sorted 1 2 3 4 9: [2 4 0 3 1] -> [2 4] [0 3 1] -> the wider one again
+        [2, 4], [0, 3], [1]]
     assert plan_batches([7], max_batch_tokens=100, max_batch_size=8, min_batches=2) == [[0]]  # one text: one pass
     assert plan_batches([], max_batch_tokens=100, max_batch_size=8, min_batches=2) == []
     # enough passes already: unchanged
     assert plan_batches([5] * 10, max_batch_tokens=10_000, max_batch_size=4, min_batches=2) == [
         [0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def _padded(batch: list[int], counts: list[int]) -> int:
+    return len(batch) * max(counts[i] for i in batch)
+
+
+def _least_widest(counts: list[int], parts: int, max_size: int) -> int:
+    """By brute force: the smallest possible largest padded size over every split of the sorted texts into
+    `parts` runs of at most `max_size` texts."""
+    ordered = sorted(counts)
+    best = {0: 0}  # texts placed -> least widest so far, for the runs placed
+    for _ in range(parts):
+        best = {end: min(max(widest, (end - start) * ordered[end - 1]) for start, widest in best.items()
+                         if 0 < end - start <= max_size)
+                for end in range(1, len(ordered) + 1) if any(0 < end - start <= max_size for start in best)}
+    return best[len(ordered)]
+
+
+def test_plan_evens_out_the_passes_a_micro_batch_is_cut_into() -> None:
+    # Filled one after the other, 39 short texts and one long fill a pass to 390 and leave 100 for the other,
+    # two passes at once then wait on the first; evened out, the widest is 370.
+    counts = [10] * 39 + [100]
+    plan = plan_batches(counts, max_batch_tokens=400, max_batch_size=128, min_batches=2)
+    assert [_padded(b, counts) for b in plan] == [370, 300]
+    rng = random.Random(11)
+    for _ in range(300):
+        counts = [rng.randint(1, 60) for _ in range(rng.randint(1, 12))]
+        budget, max_size, threads = rng.randint(60, 300), rng.randint(1, 6), rng.randint(1, 4)
+        plan = plan_batches(counts, max_batch_tokens=budget, max_batch_size=max_size, min_batches=threads)
+        flat = [i for batch in plan for i in batch]
+        assert sorted(flat) == list(range(len(counts))) and [counts[i] for i in flat] == sorted(counts)
+        filled = plan_batches(counts, max_batch_tokens=budget, max_batch_size=max_size)  # no thread to feed
+        assert len(plan) == max(len(filled), min(threads, len(counts)))
+        assert all(len(b) <= max_size and (_padded(b, counts) <= budget or len(b) == 1) for b in plan)
+        assert max(_padded(b, counts) for b in plan) == _least_widest(counts, len(plan), max_size)
 
 
 @pytest.fixture
