@@ -39,11 +39,11 @@ def plan_batches(token_counts: Sequence[int], *, max_batch_tokens: int, max_batc
     text is a batch by itself: truncation to the model's max length already bounds it).
 
     As few batches as the budget and max_batch_size allow, but at least `min_batches` (while there are texts to
-    split), so that a small micro-batch still keeps every forward thread busy. Within that number, the largest
-    padded size is made as small as it can be: filled to the budget one after the other, shortest first, the
-    last batch holds the leftovers and the others are full, and passes run side by side that unevenly leave a
-    forward thread idle while the other finishes (a 2-core AMD EPYC, fp32, 17 reviews/s after a backlog: one
-    thread busy ~80 % and the other ~30 %, and the worker stayed ~9 s behind for minutes at half its capacity).
+    split), so that a small micro-batch still keeps every forward thread busy. Within that number, the widest
+    padded size is as small as it can be. Filling each batch to the budget in turn left the leftovers to the
+    last, and passes that run side by side are done only when the widest is: on a 2-core AMD EPYC (fp32) a
+    worker that fell behind at 17 reviews/s had one forward thread busy ~80 % of the time and the other ~30 %,
+    and stayed ~9 s behind for minutes at half its capacity.
     """
     shape = padded_shape or _exact_shape
     order = sorted(range(len(token_counts)), key=lambda i: (token_counts[i], i))
