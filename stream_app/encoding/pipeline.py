@@ -63,17 +63,18 @@ def plan_batches(token_counts: Sequence[int], *, max_batch_tokens: int, max_batc
         batches.append(current)
         return batches
 
-    wanted = max(len(pack(max_batch_tokens)), min(min_batches, len(order)))
+    batches = pack(max_batch_tokens)
+    wanted = max(len(batches), min(min_batches, len(order)))
     # The batches a capacity packs into only get fewer as it grows (a text over it still gets a batch of its own):
-    # bisect for the smallest capacity that packs into `wanted`. The budget itself always does.
+    # bisect for the smallest capacity that packs into `wanted`, keeping its packing. The budget itself always does.
     low, high = 1, max_batch_tokens
     while low < high:
         middle = (low + high) // 2
-        if len(pack(middle)) <= wanted:
-            high = middle
+        packed = pack(middle)
+        if len(packed) <= wanted:
+            high, batches = middle, packed
         else:
             low = middle + 1
-    batches = pack(high)
     while len(batches) < wanted:  # padded shapes that round alike can leave one short: halve the widest
         widest = max(range(len(batches)), key=lambda b: len(batches[b]))
         if len(batches[widest]) < 2:
