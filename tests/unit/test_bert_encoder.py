@@ -174,6 +174,18 @@ def test_precision_rules() -> None:
         resolve_precision("fp16", cpu)
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_by_name_on_a_cpu_without_it_runs_but_says_why_it_is_slow(
+    native: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("stream_app.encoding.bert_encoder.cpu_supports_bf16", lambda: native)
+    with caplog.at_level("WARNING", logger="stream_app.encoding.bert_encoder"):
+        encoder = BertEncoder(device="cpu", precision="bf16", warm_up=False)
+    assert encoder.precision == "bf16"
+    emulated = [r.getMessage() for r in caplog.records if "without native bf16" in r.getMessage()]
+    assert len(emulated) == (0 if native else 1)
+
+
 def test_sentiment_head_rejects_a_mismatched_dimension(tmp_path: Path) -> None:
     small = SentimentHead(torch.zeros(3, 8), torch.zeros(3))
     with pytest.raises(ValueError, match="expects 8-d embeddings"):
