@@ -168,6 +168,18 @@ def pipeline_run(broker: EmbeddedBroker, events: list[dict[str, Any]], *, rate: 
         deployment.stop()
 
 
+def emulated_bf16(settings: Settings, texts: list[str]) -> dict[str, Any]:
+    """On a CPU without native bf16 the pipeline is not run in bf16 (no one should: `auto` picks fp32 there), but
+    the encoder alone is timed in both precisions on the same few texts, so the table says what bf16 by name
+    would cost here."""
+    rates = {name: encoder_ceiling(settings.model_copy(update={"encoder_precision": name}), texts)["texts_per_s"]
+             for name in ("bf16", "fp32")}
+    return {"skipped": "this CPU has no native bf16 (AVX512-BF16/AMX): PROFILE_ENCODER_PRECISION=auto runs fp32, "
+                       "and bf16 by name is emulated",
+            "encoder_alone_texts": len(texts), "encoder_alone_texts_per_s": rates,
+            "bf16_slowdown": round(rates["fp32"] / rates["bf16"], 1)}
+
+
 def run(broker: EmbeddedBroker, reviews: int = 2000, per_event_reviews: int = 600, *, precision: str | None = None,
         full_only: bool = False, branch_cost_reviews: int = 0, rounds: int = 3) -> dict[str, Any]:
     """Ceiling and pipeline at full load; with `full_only` False also half load and the per-event baseline.
