@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import threading
 import time
@@ -32,16 +33,21 @@ def test_plan_caps_batch_size() -> None:
     assert [len(b) for b in plan] == [4, 4, 2]
 
 
-def test_plan_splits_small_micro_batches_until_every_forward_thread_has_one() -> None:
+def test_plan_gives_every_forward_thread_a_pass_in_every_round() -> None:
     assert plan_batches([5] * 6, max_batch_tokens=10_000, max_batch_size=8, min_batches=2) == [[0, 1, 2], [3, 4, 5]]
     # sorted 1 2 3 4 9: padded 2x2, 2x4, 1x9; halving by count ([2 4] [0] [3 1]) would pad the last to 2x9
     assert plan_batches([3, 9, 1, 4, 2], max_batch_tokens=10_000, max_batch_size=8, min_batches=3) == [
         [2, 4], [0, 3], [1]]
     assert plan_batches([7], max_batch_tokens=100, max_batch_size=8, min_batches=2) == [[0]]  # one text: one pass
     assert plan_batches([], max_batch_tokens=100, max_batch_size=8, min_batches=2) == []
-    # enough passes already: unchanged
+    # Three passes by the size cap are rounded up to four, so two threads run two full rounds; one thread keeps 3.
     assert plan_batches([5] * 10, max_batch_tokens=10_000, max_batch_size=4, min_batches=2) == [
+        [0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    assert plan_batches([5] * 10, max_batch_tokens=10_000, max_batch_size=4, min_batches=1) == [
         [0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    # already a multiple of the threads: unchanged
+    assert plan_batches([5] * 8, max_batch_tokens=10_000, max_batch_size=4, min_batches=2) == [
+        [0, 1, 2, 3], [4, 5, 6, 7]]
 
 
 def _padded(batch: list[int], counts: list[int]) -> int:
@@ -74,7 +80,7 @@ def test_plan_evens_out_the_passes_a_micro_batch_is_cut_into() -> None:
         flat = [i for batch in plan for i in batch]
         assert sorted(flat) == list(range(len(counts))) and [counts[i] for i in flat] == sorted(counts)
         filled = plan_batches(counts, max_batch_tokens=budget, max_batch_size=max_size)  # no thread to feed
-        assert len(plan) == max(len(filled), min(threads, len(counts)))
+        assert len(plan) == min(len(counts), math.ceil(max(len(filled), threads) / threads) * threads)
         assert all(len(b) <= max_size and (_padded(b, counts) <= budget or len(b) == 1) for b in plan)
         assert max(_padded(b, counts) for b in plan) == _least_widest(counts, len(plan), max_size)
 
