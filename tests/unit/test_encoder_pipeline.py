@@ -40,7 +40,7 @@ def test_plan_gives_every_forward_thread_a_pass_in_every_round() -> None:
         [2, 4], [0, 3], [1]]
     assert plan_batches([7], max_batch_tokens=100, max_batch_size=8, min_batches=2) == [[0]]  # one text: one pass
     assert plan_batches([], max_batch_tokens=100, max_batch_size=8, min_batches=2) == []
-    # Three passes by the size cap are rounded up to four, so two threads run two full rounds; one thread keeps 3.
+    # Three passes by the size cap become four, so two threads run two full rounds; for one thread the three stand.
     assert plan_batches([5] * 10, max_batch_tokens=10_000, max_batch_size=4, min_batches=2) == [
         [0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
     assert plan_batches([5] * 10, max_batch_tokens=10_000, max_batch_size=4, min_batches=1) == [
