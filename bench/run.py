@@ -28,11 +28,14 @@ RESULTS = Path(__file__).with_name("results.json")
 def machine() -> dict[str, Any]:
     import torch
 
+    from stream_app.encoding.bert_encoder import usable_cores
+
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     settings = Settings()
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+        "cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable_cores(), "python": platform.python_version(),
+        "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "encoder_device": settings.encoder_device, "encoder_threads": settings.encoder_threads,
         "encoder_streams": settings.encoder_streams,

@@ -191,7 +191,7 @@ class BertEncoder:
     @classmethod
     def from_settings(cls, settings: Settings) -> BertEncoder:
         head = SentimentHead.load(Path(settings.sentiment_head)) if settings.sentiment_head else None
-        streams, threads = cpu_layout(os.cpu_count() or 1, settings.encoder_streams, settings.encoder_threads)
+        streams, threads = cpu_layout(usable_cores(), settings.encoder_streams, settings.encoder_threads)
         return cls(settings.encoder_model, device=settings.encoder_device, precision=settings.encoder_precision,
                    max_length=settings.encoder_max_length, threads=threads, streams=streams,
                    sentiment_head=head, sentiment_branch=branch_path(settings),
@@ -283,6 +283,15 @@ class BertEncoder:
 
 #: Forward passes at once on the CPU unless PROFILE_ENCODER_STREAMS says otherwise.
 DEFAULT_CPU_STREAMS = 2
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: a cpuset (taskset, a Kubernetes static CPU policy) can allow 2 of a
+    host's 16, and sizing the passes by the host's count would start 8 torch threads per pass on those 2."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not every platform has affinity (macOS)
+        return os.cpu_count() or 1
 
 
 def cpu_layout(cores: int, streams: int | None, threads: int | None) -> tuple[int, int]:

@@ -19,6 +19,7 @@ from stream_app.encoding.bert_encoder import (
     cpu_layout,
     default_model_dir,
     resolve_precision,
+    usable_cores,
 )
 from stream_app.encoding.pipeline import EncoderPipeline
 from stream_app.encoding.sentiment import SentimentHead
@@ -117,13 +118,20 @@ def test_cpu_layout_fills_in_what_is_not_set(cores: int, streams: int | None, th
     assert cpu_layout(cores, streams, threads) == layout
 
 
+def test_the_layout_counts_the_cores_this_process_may_use_not_the_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})  # taskset -c 3 on a host of any size
+    assert usable_cores() == 1
+    encoder = BertEncoder.from_settings(Settings(encoder_precision="fp32", encoder_max_length=64))
+    assert encoder.concurrent_passes == 1 and torch.get_num_threads() == 1
+
+
 def test_loads_from_any_local_folder_named_in_settings(tmp_path: Path) -> None:
     copy = tmp_path / "my-minilm"
     shutil.copytree(default_model_dir(), copy)
     settings = Settings(encoder_model=str(copy), encoder_precision="fp32", encoder_max_length=64, encoder_threads=1)
     encoder = BertEncoder.from_settings(settings)
     assert encoder.model_dir == copy and encoder.precision == "fp32" and encoder.max_length == 64
-    assert encoder.concurrent_passes == min(2, os.cpu_count() or 1)  # PROFILE_ENCODER_STREAMS unset: the default
+    assert encoder.concurrent_passes == min(2, usable_cores())  # PROFILE_ENCODER_STREAMS unset: the default
     assert len(encoder.encode(["hello"])[0].embedding) == 384
 
 
