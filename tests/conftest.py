@@ -16,5 +16,6 @@ def real_encoder():  # type: ignore[no-untyped-def]
     """The real default encoder (all-MiniLM-L6-v2 from its package folder), loaded once per session."""
     from stream_app.encoding.bert_encoder import BertEncoder
 
-    # PROFILE_ENCODER_PRECISION=fp32 runs the suite as a CPU without native bf16 does, on any machine.
-    return BertEncoder(threads=2, precision=os.environ.get("PROFILE_ENCODER_PRECISION", "auto"))
+    # PROFILE_ENCODER_PRECISION=fp32 runs the suite as a CPU without native bf16 does, on any machine. The CPU
+    # even where there is a GPU: these tests compare against CPU tensors; tests/gpu covers the CUDA path.
+    return BertEncoder(device="cpu", threads=2, precision=os.environ.get("PROFILE_ENCODER_PRECISION", "auto"))

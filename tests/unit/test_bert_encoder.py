@@ -121,14 +121,16 @@ def test_cpu_layout_fills_in_what_is_not_set(cores: int, streams: int | None, th
 def test_the_layout_counts_the_cores_this_process_may_use_not_the_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})  # taskset -c 3 on a host of any size
     assert usable_cores() == 1
-    encoder = BertEncoder.from_settings(Settings(encoder_precision="fp32", encoder_max_length=64))
+    encoder = BertEncoder.from_settings(Settings(encoder_device="cpu", encoder_precision="fp32",
+                                                 encoder_max_length=64))
     assert encoder.concurrent_passes == 1 and torch.get_num_threads() == 1
 
 
 def test_loads_from_any_local_folder_named_in_settings(tmp_path: Path) -> None:
     copy = tmp_path / "my-minilm"
     shutil.copytree(default_model_dir(), copy)
-    settings = Settings(encoder_model=str(copy), encoder_precision="fp32", encoder_max_length=64, encoder_threads=1)
+    settings = Settings(encoder_model=str(copy), encoder_device="cpu", encoder_precision="fp32", encoder_max_length=64,
+                        encoder_threads=1)
     encoder = BertEncoder.from_settings(settings)
     assert encoder.model_dir == copy and encoder.precision == "fp32" and encoder.max_length == 64
     assert encoder.concurrent_passes == min(2, usable_cores())  # PROFILE_ENCODER_STREAMS unset: the default
@@ -151,15 +153,15 @@ def test_a_missing_model_file_fails_instead_of_downloading(tmp_path: Path) -> No
 def test_bf16_on_cpu_stays_close_to_fp32(real_encoder: BertEncoder) -> None:
     if real_encoder.device.type != "cpu" or real_encoder.precision != "bf16":
         pytest.skip("this CPU has no native bf16: the encoder runs fp32 here, nothing to compare")
-    fp32 = BertEncoder(precision="fp32", warm_up=False)
+    fp32 = BertEncoder(device="cpu", precision="fp32", warm_up=False)
     for a, b in zip(real_encoder.encode(REVIEWS), fp32.encode(REVIEWS), strict=True):
         assert cosine(a.embedding, b.embedding) > 0.999
 
 
 def test_shape_buckets_pad_a_cpu_batch_and_change_no_result() -> None:
     texts = (REVIEWS * 4)[:11]
-    exact = BertEncoder(precision="fp32", warm_up=False, threads=2)
-    padded = BertEncoder(precision="fp32", warm_up=False, threads=2, shape_buckets=True)
+    exact = BertEncoder(device="cpu", precision="fp32", warm_up=False, threads=2)
+    padded = BertEncoder(device="cpu", precision="fp32", warm_up=False, threads=2, shape_buckets=True)
     token_ids = exact.tokenize(texts)
     longest = max(len(ids) for ids in token_ids)
     inputs = padded.collate(token_ids)

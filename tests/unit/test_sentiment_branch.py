@@ -57,7 +57,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def plain_encoder(real_encoder: BertEncoder) -> BertEncoder:
     """The encoder as it was before the branch: same model and precision, linear head on the pooled vector."""
-    return BertEncoder(precision=real_encoder.precision, threads=2, warm_up=False,
+    return BertEncoder(device="cpu", precision=real_encoder.precision, threads=2, warm_up=False,
                        sentiment_head=SentimentHead.load_default())
 
 
@@ -207,7 +207,7 @@ def test_a_file_that_is_not_safetensors_is_refused_at_configuration(tmp_path: Pa
 
 
 def test_a_branch_from_a_fresh_file_loads_and_scores(fresh_branch_file: Path) -> None:
-    encoder = BertEncoder(sentiment_branch=fresh_branch_file, warm_up=False, threads=2)
+    encoder = BertEncoder(device="cpu", sentiment_branch=fresh_branch_file, warm_up=False, threads=2)
     assert encoder.branch is not None and encoder.branch.temperature.item() == 1.0
     assert all(-1.0 <= r.sentiment <= 1.0 for r in encoder.encode(REVIEWS))
 
@@ -221,7 +221,7 @@ def test_query_and_embedding_branches_round_trip_with_format_2(tmp_path: Path, p
     torch.nn.init.normal_(branch.head.weight, std=0.5)
     path = tmp_path / "branch.safetensors"
     branch.save(path, fingerprint=model_fingerprint(plain_encoder.model_dir))
-    encoder = BertEncoder(sentiment_branch=path, warm_up=False, threads=2, precision="fp32")
+    encoder = BertEncoder(device="cpu", sentiment_branch=path, warm_up=False, threads=2, precision="fp32")
     assert encoder.branch is not None
     assert (encoder.branch.query_top, encoder.branch.head_embedding) == (query_top, head_embedding)
     scores = [r.sentiment for r in encoder.encode(REVIEWS + EXTREME)]
