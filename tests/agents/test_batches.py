@@ -90,7 +90,9 @@ async def test_an_idle_agent_sets_no_timer_and_its_next_batch_still_waits_out_th
     feed = Feed(worker)
     batches = feed.batches(max_=3, within=0.02)
     waiting = asyncio.ensure_future(anext(batches))
-    await asyncio.sleep(0.3)  # fifteen windows with nothing to take
+    # Fifteen and a half windows with nothing to take. Not a whole number of them: the event would then arrive
+    # within microseconds of a window's end, and the batch could leave before the test looks.
+    await asyncio.sleep(0.31)
     assert not waiting.done() and timers == 0
     feed.put(1)
     await asyncio.sleep(0)  # the first event is taken, its window is open
