@@ -6,7 +6,7 @@ events per target partition per micro-batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +72,8 @@ class FoldedBatch:
     duplicates: int = 0
     # Users whose delta would not fit the budget `fold_batch` was given: nothing of theirs is recorded above.
     oversize: list[str] = field(default_factory=list)
+    # Users folded without failure: once this round's deltas are confirmed, none of theirs is unsent.
+    users: list[str] = field(default_factory=list)
 
     def merge(self, other: FoldedBatch) -> None:
         """Add a fold of other users' events (the same round: each user at most once)."""
@@ -82,11 +84,23 @@ class FoldedBatch:
         self.events += other.events
         self.duplicates += other.duplicates
         self.oversize.extend(other.oversize)
+        self.users.extend(other.users)
+
+
+def unsent_after_recovery(stored: dict[str, Any] | None) -> Delta | None:
+    """The delta a recovered state may hold unsent: its outbox's newest.
+
+    A fold writes the new states, then sends their deltas and waits for the broker to store them before the next
+    fold starts (one lock for every agent: `stream_app.worker.folding`). So a crash can leave one delta per user
+    unsent, the newest, and older outbox deltas were confirmed. A worker that recovers a state from the changelog
+    cannot tell whether that newest delta went out, so it sends it again (subscribers skip versions they have)."""
+    outbox = stored.get("outbox") if stored is not None else None
+    return outbox[-1] if outbox else None
 
 
 def fold_batch(
     events: Sequence[Event], stored: Callable[[str], dict[str, Any] | None], params: ProfileParams,
-    budget: int | None = None,
+    budget: int | None = None, unsettled: Container[str] = frozenset(),
 ) -> FoldedBatch:
     """Fold each user's events; a user whose fold raises is reported in `failures` and the rest go on.
 
@@ -97,11 +111,16 @@ def fold_batch(
 
     With a `budget` (bytes), a user whose delta would not fit it, or whose profile could not hold that delta,
     is listed in `oversize` instead, with nothing recorded: `fold_in_rounds` folds those again in pieces.
+
+    `unsettled`: users whose stored state was recovered from the changelog and not folded since. Their outbox's
+    newest delta may never have been sent (`unsent_after_recovery`), so it goes out again before anything newer,
+    whichever of the user's events comes first: a redelivered one or a fresh one from the other input stream.
     """
     folded = FoldedBatch(events=len(events))
     for user_id, user_events in group_by_user(events).items():
+        before = stored(user_id)
         try:
-            new_value, result = update_profile(stored(user_id), user_id, user_events, params)
+            new_value, result = update_profile(before, user_id, user_events, params)
             oversize = budget is not None and result.delta is not None and _over_budget(result, budget)
         except IncompatibleProfile:
             raise  # the settings, not the events, are wrong: dead-lettering would drop every event of the user
@@ -123,8 +142,13 @@ def fold_batch(
                 folded.encoded[user_id] = result.encoded
         counted = len(result.delta["event_ids"]) if result.delta is not None else 0
         folded.duplicates += len(user_events) - counted
+        folded.users.append(user_id)
+        again = result.redeliveries
+        unsent = unsent_after_recovery(before) if user_id in unsettled else None
+        if unsent is not None and all(delta["version"] != unsent["version"] for delta in again):
+            again = sorted([*again, unsent], key=lambda delta: delta["version"])
         # Re-emissions first: their versions are older than the new delta's.
-        folded.deltas.extend((delta, True) for delta in result.redeliveries)
+        folded.deltas.extend((delta, True) for delta in again)
         if result.delta is not None:
             folded.deltas.append((result.delta, False))
     return folded
@@ -145,7 +169,8 @@ def _over_budget(result: ApplyResult, budget: int) -> bool:
 
 
 def fold_in_rounds(
-    events: Sequence[Event], stored: Callable[[str], dict[str, Any] | None], params: ProfileParams
+    events: Sequence[Event], stored: Callable[[str], dict[str, Any] | None], params: ProfileParams,
+    unsettled: Container[str] = frozenset(),
 ) -> Iterator[FoldedBatch]:
     """A micro-batch folded in rounds, each user at most once per round, every delta within
     `delta_budget(params.max_record_bytes)` (the table value keeps room for the profile beside its newest delta).
@@ -154,17 +179,18 @@ def fold_in_rounds(
     user whose delta would not fit (a bot, a long backlog) is folded again from the stored state, the events
     cut into pieces by `split_rounds`' size estimate, one piece per round: several consecutive versions instead
     of one oversized delta. The caller stores each round's writes before it asks for the next round: the next
-    one reads them back through `stored`.
+    one reads them back through `stored`. `unsettled` is read at each round (see `fold_batch`): the caller takes
+    a round's `users` out of it once that round's deltas are confirmed.
     """
     budget = delta_budget(params.max_record_bytes)
-    first = fold_batch(events, stored, params, budget)
+    first = fold_batch(events, stored, params, budget, unsettled)
     if not first.oversize:
         yield first
         return
     oversize = set(first.oversize)
     first.oversize = []
     rounds = split_rounds([e for e in events if e.user_id in oversize], stored, params.max_record_bytes)
-    first.merge(fold_batch(rounds[0], stored, params))
+    first.merge(fold_batch(rounds[0], stored, params, unsettled=unsettled))
     yield first
     for round_events in rounds[1:]:
-        yield fold_batch(round_events, stored, params)
+        yield fold_batch(round_events, stored, params, unsettled=unsettled)

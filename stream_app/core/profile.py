@@ -40,7 +40,9 @@ class ProfileParams:
     weights: dict[str, float]
     top_k: int = 50
     dedup_window: int = 512
-    redelivery_window: int = 8
+    # Only the newest delta can be unsent after a crash (`stream_app.core.fold.unsent_after_recovery`); older ones
+    # were confirmed, and each kept copy of a review user's 384 embedding sums cost ~13 KiB of memory.
+    redelivery_window: int = 1
     max_record_bytes: int = 1_000_000
 
     @classmethod

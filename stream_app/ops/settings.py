@@ -53,7 +53,8 @@ class Settings(BaseSettings):
     weight_review: float = Field(3.0, ge=0)
     top_k: int = Field(50, ge=1, description="interests/keywords kept per user (docs/semantics.md: top-K pruning)")
     dedup_window: int = Field(512, ge=1, description="event ids remembered per user for de-duplication")
-    redelivery_window: int = Field(8, ge=1, description="recent deltas kept per user for re-emission")
+    redelivery_window: int = Field(1, ge=1, description="recent deltas kept per user for re-emission (only the "
+                                   "newest can be unsent after a crash; more re-emit deltas already confirmed)")
     max_future_s: float = Field(
         86400.0, gt=0, description="events stamped more than this past the wall clock at ingest are dead-lettered "
         "as future_timestamp (docs/hostile-input.md: bad clocks)")

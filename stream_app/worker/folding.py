@@ -51,7 +51,7 @@ class Folder:
         profiles, output = self.profiles, self.output
         async with self.lock:
             # Rounds keep each delta within the record limit: a user with a big batch gets several versions.
-            for folded in fold_in_rounds(events, profiles.stored, self.params):
+            for folded in fold_in_rounds(events, profiles.stored, self.params, profiles.unsettled):
                 for failure in folded.failures:
                     for event in failure.events:
                         message = messages[id(event)]
@@ -68,6 +68,7 @@ class Folder:
                 await profiles.confirm_writes()
                 if folded.deltas:
                     await asyncio.gather(*await output.deltas(folded.deltas))
+                profiles.settle(folded.users)
 
     async def fold_or_forward(self, admitted: Sequence[tuple[Event, Message]]) -> None:
         """What an input agent does with its valid events: folds those already on their user's partition

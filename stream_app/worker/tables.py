@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from typing import Any
 
 import faust
 import orjson
 from faust import Table
-from faust.types import FutureMessage
+from faust.types import TP, EventT, FutureMessage
 from faust.types.enums import ProcessingGuarantee
 
 from stream_app.kafka.batched_send import aiokafka_producer, send_batched
@@ -31,6 +31,26 @@ class ProfileTable(Table[str, Any]):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._unconfirmed: list[Awaitable[Any]] = []
+        # Users whose state this worker read from the changelog (recovery, standby) and has not folded since: their
+        # newest delta may be unsent (`stream_app.core.fold.unsent_after_recovery`). At most the table's users.
+        self.unsettled: set[str] = set()
+
+    def apply_changelog_batch(self, batch: Iterable[EventT]) -> None:
+        events = list(batch)
+        super().apply_changelog_batch(events)
+        store = self.data
+        self.unsettled.update(key for key in (self._to_key(event.key) for event in events) if key in store)
+
+    async def on_rebalance(self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP],
+                           generation_id: int = 0) -> None:
+        await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
+        store = self.data
+        # Revoked partitions' users left the store; in place, since a fold in progress holds this set.
+        self.unsettled.difference_update([key for key in self.unsettled if key not in store])
+
+    def settle(self, users: Iterable[str]) -> None:
+        """These users' deltas are confirmed: nothing of theirs is unsent now."""
+        self.unsettled.difference_update(users)
 
     def send_changelog(self, *args: Any, **kwargs: Any) -> FutureMessage:
         sent = super().send_changelog(*args, **kwargs)

@@ -55,8 +55,9 @@ def soak_users(rate: float, duration_s: float, redelivery_window: int) -> int:
     """Few enough users that each has a full outbox within the first eighth of the run, so that the quarters the
     level-off check compares see only growth that would not stop. A review user's state grows with each of its
     first `redelivery_window` reviews, every outbox delta holding its own copy of the 384-float embedding sums
-    (~19 KiB after one review, ~114 KiB from the eighth on): with 500 users at 15 reviews/s that took 267 s and
-    showed as +12.6 MiB/min to the end of a 180 s run, against +0.7 with a window of 1 (stop 26)."""
+    (~19 KiB after one review, ~114 KiB from the eighth on with a window of 8): with 500 users at 15 reviews/s
+    that took 267 s and showed as +12.6 MiB/min to the end of a 180 s run, against +0.7 with a window of 1
+    (stop 26). The default window is 1 since stop 27: every outbox is full after its user's first review."""
     return max(10, min(500, int(rate * duration_s / 8 / redelivery_window)))
 
 

@@ -470,7 +470,9 @@ def test_deltas_redeliveries_bundles_and_table_state_from_the_code_validate(
 
 def test_a_delta_with_drops_rescale_underflow_and_redeliveries_validates() -> None:
     """The corners hypothesis may miss: top-K drops, a landmark move, means whose weight underflows to 0."""
-    params = ProfileParams(half_life_s=60.0, weights={"click": 1.0, "search": 2.0, "review": 3.0}, top_k=1)
+    # A window of 3 keeps the first delta for re-emission (the default keeps only the newest).
+    params = ProfileParams(half_life_s=60.0, weights={"click": 1.0, "search": 2.0, "review": 3.0}, top_k=1,
+                           redelivery_window=3)
     profile = ProfileState(user_id="u1")
     first = [parsed(event_with("search", event_id=f"s{i}", query=f"word{i} other{i}", category=f"c{i}", ts=1e9))
              for i in range(3)]

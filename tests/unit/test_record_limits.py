@@ -73,7 +73,9 @@ def test_a_big_batch_of_one_user_becomes_consecutive_deltas_within_the_budget_an
 
 
 def test_a_redelivered_batch_re_emits_the_newest_delta_from_the_trimmed_outbox() -> None:
-    params = ProfileParams(half_life_s=7 * 86400.0, weights=WEIGHTS, top_k=50, max_record_bytes=LIMIT)
+    # An operator's larger window (the default keeps only the newest): the record limit trims it, newest kept.
+    params = ProfileParams(half_life_s=7 * 86400.0, weights=WEIGHTS, top_k=50, max_record_bytes=LIMIT,
+                           redelivery_window=8)
     table: dict[str, dict[str, Any]] = {}
     events = bot_user_events()
     deltas = fold_in_rounds(events, params, table)
