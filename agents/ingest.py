@@ -21,7 +21,8 @@ def register(worker: WorkerApp) -> AgentT:
     settings = worker.settings
 
     async def ingest(stream: StreamT[bytes]) -> AsyncIterator[int]:
-        async for batch in take_batches(stream, settings.batch_max, settings.batch_within_s):
+        async for batch in take_batches(stream, settings.batch_max, settings.batch_within_s,
+                                        settings.buffer_max_bytes):
             metrics.BATCH_EVENTS.labels("ingest").observe(len(batch))
             await worker.folder.fold_or_forward(await admit(settings, worker.output, batch, worker.refused_live))
             await worker.output.confirm_sends()  # before the batch is acknowledged: a failed send fails the batch

@@ -30,7 +30,8 @@ def register(worker: WorkerApp) -> AgentT:
 
     async def update_profiles(stream: StreamT[bytes]) -> AsyncIterator[int]:
         # Events, not values: we need each message's value bytes.
-        async for batch in take_batches(stream, settings.batch_max, settings.batch_within_s):
+        async for batch in take_batches(stream, settings.batch_max, settings.batch_within_s,
+                                        settings.buffer_max_bytes):
             events: list[Event] = []
             origin: dict[int, Message] = {}  # id(event) -> the by-user message it came in
             for stream_event in batch:

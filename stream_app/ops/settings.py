@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     batch_max: int = Field(5000, ge=1, description="events per micro-batch of the ingest and profile agents")
     batch_within_s: float = Field(0.02, gt=0, description="longest wait to fill a micro-batch (paid once per hop, "
                                                            "twice per event; docs/benchmarks.md)")
+    buffer_max_bytes: int = Field(
+        16 * 1024 * 1024, ge=64 * 1024,
+        description="input record bytes (keys and values) each agent holds waiting in its stream buffer, and again in "
+                    "the micro-batch it works on, besides the counts (4 x batch_max buffered, batch_max per batch): "
+                    "whichever limit comes first; a record larger than this still passes alone (docs/hostile-input.md)")
     faust_message_sensors: bool = Field(
         False, description="Faust's per-message sensor calls (messages and stream events in/out, table get/set, sends: "
                            "the per-message faust_* metrics and Faust's Monitor); off by default: they cost ~40 us of "

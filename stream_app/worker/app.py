@@ -20,7 +20,7 @@ from stream_app.kafka import codecs, tansu_workarounds
 from stream_app.kafka.clients import sasl_login, ssl_context
 from stream_app.kafka.partitioning import KeyPartitioner
 from stream_app.ops.settings import Settings
-from stream_app.worker import commit_safety, fast_delivery, health, web
+from stream_app.worker import buffers, commit_safety, fast_delivery, health, web
 from stream_app.worker.admission import load_replay_refusals
 from stream_app.worker.folding import Folder
 from stream_app.worker.publish import Output
@@ -87,6 +87,7 @@ def build_app(settings: Settings) -> faust.App:
     if settings.embedded_broker:
         tansu_workarounds.install(settings)
     app = faust.App(settings.app_id, **faust_config(settings))
+    buffers.install(app, settings.buffer_max_bytes)
     if not settings.faust_message_sensors:
         from stream_app.ops.metrics import quiet_message_sensors
 

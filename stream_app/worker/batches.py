@@ -20,6 +20,9 @@ A batch is acknowledged when the agent asks for the next one, as with `take_even
 be committed. Unlike `take_events`, a batch whose processing raised is never acknowledged (`take_events` acks
 it when the abandoned generator is finalised): the worker stops on the error, and the batch comes again.
 
+Size: a batch also leaves once the records of its events reach `max_bytes` (keys and values; the event that
+crosses it is the last one in), so a batch of records near the size limit cannot hold `max_` of them.
+
 Window, as `take_events`: a batch leaves when it holds `max_` events, or when `within` seconds have passed since
 the previous batch was finished (or since the last empty window) and it holds at least one. An idle agent waits
 for its next event without waking up at each window end; windows are counted as if it had.
@@ -37,10 +40,14 @@ from faust.types import ChannelT, EventT, StreamT
 from faust.types.tuples import ack_lock
 from mode.utils.futures import notify
 
+from stream_app.worker.buffers import record_bytes
 
-async def take_batches(stream: StreamT[Any], max_: int, within: float) -> AsyncIterator[list[EventT]]:
-    if max_ < 1 or within <= 0:
-        raise ValueError(f"take_batches needs max_ >= 1 and within > 0, got {max_} and {within}")
+
+async def take_batches(stream: StreamT[Any], max_: int, within: float,
+                       max_bytes: int | None = None) -> AsyncIterator[list[EventT]]:
+    if max_ < 1 or within <= 0 or (max_bytes is not None and max_bytes < 1):
+        raise ValueError(f"take_batches needs max_ >= 1, within > 0 and max_bytes >= 1 or None, got {max_}, "
+                         f"{within} and {max_bytes}")
     app = stream.app
     # What take_events iterates; the agent's channel is an iterator already (aiter gives it back).
     channel = cast(ChannelT[Any], aiter(stream.channel))
@@ -51,11 +58,13 @@ async def take_batches(stream: StreamT[Any], max_: int, within: float) -> AsyncI
     started_here = await stream.maybe_start()
     events: list[EventT] = []
     sensor_states: list[Any] = []
+    held_bytes = 0
+    byte_limit = max_bytes if max_bytes is not None else float("inf")
     ended = False
     try:
         deadline = loop.time() + within
         while not (ended or stream.should_stop):
-            while len(events) < max_:
+            while len(events) < max_ and held_bytes < byte_limit:
                 try:
                     if not queue.empty():
                         item = queue.get_nowait()
@@ -90,11 +99,12 @@ async def take_batches(stream: StreamT[Any], max_: int, within: float) -> AsyncI
                     consumer.track_message(message)
                 sensor_states.append(on_event_in(message.tp, message.offset, stream, item))
                 events.append(item)
+                held_bytes += record_bytes(item)
             if events:
                 stream.events_total += len(events)  # type: ignore[attr-defined]
                 yield events  # raises here if the agent fails: then nothing of the batch is acknowledged
                 acknowledge(stream, events, sensor_states)
-                events, sensor_states = [], []
+                events, sensor_states, held_bytes = [], [], 0
             deadline = loop.time() + within
     finally:
         stop_iteration = getattr(channel, "on_stop_iteration", None)

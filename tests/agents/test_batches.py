@@ -193,10 +193,35 @@ async def test_non_acking_topics_are_not_tracked_and_the_end_of_the_channel_ends
     assert not any(m.tracked for m in taken + last) and all(m.acked for m in taken + last)
 
 
-@pytest.mark.parametrize(("max_", "within"), [(0, 0.05), (5, 0.0)])
-async def test_a_batch_size_below_one_or_a_window_of_zero_is_refused(
-    worker: WorkerApp, max_: int, within: float
+@pytest.mark.parametrize(("max_", "within", "max_bytes"), [(0, 0.05, None), (5, 0.0, None), (5, 0.05, 0)])
+async def test_a_batch_size_below_one_a_window_of_zero_or_a_byte_budget_of_zero_is_refused(
+    worker: WorkerApp, max_: int, within: float, max_bytes: int | None
 ) -> None:
-    with pytest.raises(ValueError, match="max_ >= 1 and within > 0"):
-        await anext(take_batches(Feed(worker).stream, max_, within))
+    with pytest.raises(ValueError, match="max_ >= 1, within > 0 and max_bytes >= 1"):
+        await anext(take_batches(Feed(worker).stream, max_, within, max_bytes))
+
+
+async def test_a_batch_also_leaves_at_its_byte_budget_and_a_record_over_it_goes_alone(worker: WorkerApp) -> None:
+    feed = Feed(worker)
+    sizes = [400, 400, 400, 2000, 100, 100]  # values; every key is b"u1"
+    for size in sizes:
+        message = ConsumerMessage(TOPIC, 0, feed.offset, 0.0, 0, [], b"u1", b"x" * size, None,
+                                  generation_id=worker.app.consumer_generation_id)
+        message.incref()
+        feed.queue.put_nowait(Event(worker.app, message.key, message.value, {}, message))
+        feed.offset += 1
+    batches = take_batches(feed.stream, 100, 0.05, max_bytes=1000)
+    lengths = [[len(e.value) for e in await asyncio.wait_for(anext(batches), timeout=10)] for _ in range(3)]
+    # 402 + 402 = 804 < 1000, the third crosses it and is the last in; 2,002 alone; the rest after the window.
+    assert lengths == [[400, 400, 400], [2000], [100, 100]]
+    await batches.aclose()
+
+
+async def test_the_agents_stream_buffers_are_bounded_by_the_byte_setting(worker: WorkerApp) -> None:
+    from stream_app.worker.buffers import ByteBoundedQueue
+
+    queue = Feed(worker).queue
+    assert isinstance(queue, ByteBoundedQueue)
+    assert queue.max_bytes == worker.settings.buffer_max_bytes == 16 * 1024 * 1024
+    assert queue.maxsize == 4 * worker.settings.batch_max  # the count limit stays
 

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -151,5 +152,47 @@ def test_a_flood_of_bad_input_keeps_memory_bounded_and_is_fully_dead_lettered(st
 
     assert count_dead_letters(stack, WARMUP + FLOOD) == WARMUP + FLOOD
     assert worker.poll() is None
+    late = stack.produce([good_event(1)])
+    stack.wait_for_events({late[0]["event_id"]})
+
+
+BIG_FLOOD = 4_000
+BIG_RECORD = 60_000  # under PROFILE_MAX_EVENT_BYTES (64 KiB): these are refused for their content, not their size
+BUDGET = 1024 * 1024
+MAX_BIG_GROWTH_MB = 70
+
+
+def test_a_flood_of_records_near_the_size_limit_holds_no_more_than_the_byte_budget(make_stack: Any) -> None:
+    """By count alone (20,000 records buffered) these 4,000 x 60 KB records raised RSS by 121-141 MB (2-core EPYC); with
+    a 1 MiB budget by 24-30 MB. Every record is still dead-lettered, and the worker still counts good events."""
+    stack = make_stack(PROFILE_BUFFER_MAX_BYTES=str(BUDGET))
+    worker = stack.start_worker()
+    stack.produce([good_event(0)])
+    stack.wait_for_events({"good-0"})
+    eventually(lambda: _assert_ready(worker.web_port), timeout_s=120, interval_s=0.5)
+    time.sleep(1.0)
+    baseline = rss_mb(worker.pid)
+    samples: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append(rss_mb(worker.pid))
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    head = b'{"event_id":"f","user_id":"u","ts":1700000000,"type":"click","item_id":"'
+    try:
+        produce_flood(stack, (head + b"x" * BIG_RECORD for _ in range(BIG_FLOOD)))  # truncated JSON, near the limit
+        wait_for_counted(stack, BIG_FLOOD, timeout_s=300)
+    finally:
+        done.set()
+        sampler.join()
+    peak = max(samples)
+    print(f"{BIG_FLOOD} bad records of {BIG_RECORD} B: RSS after warm-up {baseline:.0f} MB, peak {peak:.0f} MB")
+    assert peak - baseline < MAX_BIG_GROWTH_MB
+
+    assert count_dead_letters(stack, BIG_FLOOD) == BIG_FLOOD
     late = stack.produce([good_event(1)])
     stack.wait_for_events({late[0]["event_id"]})
