@@ -11,7 +11,6 @@ a queue full by count. An empty queue always takes one record, however large, so
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from mode.utils.queues import ThrowableQueue
@@ -65,5 +64,4 @@ def install(app: Any, max_bytes: int) -> None:
         return ByteBoundedQueue(maxsize=maxsize or 0, flow_control=app.flow_control, clear_on_resume=clear_on_resume,
                                 max_bytes=max_bytes)
 
-    make: Callable[..., ByteBoundedQueue] = flow_control_queue
-    app.FlowControlQueue = make
+    app.FlowControlQueue = flow_control_queue

@@ -50,7 +50,8 @@ class ProfileTable(Table[str, Any]):
 
     def settle(self, users: Iterable[str]) -> None:
         """These users' deltas are confirmed: nothing of theirs is unsent now."""
-        self.unsettled.difference_update(users)
+        if self.unsettled:  # empty once every recovered user has folded: no pass over each batch's users then
+            self.unsettled.difference_update(users)
 
     def send_changelog(self, *args: Any, **kwargs: Any) -> FutureMessage:
         sent = super().send_changelog(*args, **kwargs)

@@ -6,12 +6,14 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import orjson
 import pytest
 
 from stream_app.kafka.embedded_broker import EmbeddedBroker
+from stream_app.worker.process import WorkerProcess
 from tests.integration.conftest import Stack, eventually, http_get
 from tests.integration.test_hostile import good_event, scrape
 
@@ -20,12 +22,12 @@ pytestmark = pytest.mark.integration
 WARMUP = 5_000
 FLOOD = 100_000
 MAX_GROWTH_MB = 150
+TRUNCATED_CLICK = b'{"event_id":"f","user_id":"u","ts":1700000000,"type":"click","item_id":"'  # + padding: bad JSON
 
 
 def bad_messages(count: int, seed: int, limit: int) -> Iterator[bytes]:
     """Mostly small, one in ten a few KB, one in a hundred around the size limit (half of those over it)."""
     rng = random.Random(seed)
-    head = b'{"event_id":"f","user_id":"u","ts":1700000000,"type":"click","item_id":"'
     for i in range(count):
         if i % 100 == 0:
             size = rng.randint(limit - 4_000, limit + 4_000)
@@ -35,7 +37,7 @@ def bad_messages(count: int, seed: int, limit: int) -> Iterator[bytes]:
             size = rng.randint(50, 500)
         shape = i % 4
         if shape == 0:
-            yield head + b"x" * size  # truncated JSON
+            yield TRUNCATED_CLICK + b"x" * size
         elif shape == 1:
             yield orjson.dumps({"event_id": f"f{i}", "user_id": "u", "ts": 1, "type": "click", "item_id": "i",
                                 "pad": "x" * size})  # unknown field
@@ -112,6 +114,35 @@ def _assert_ready(port: int) -> None:
     assert status == 200, body
 
 
+def settled_rss_mb(worker: WorkerProcess) -> float:
+    """The worker's RSS once it is ready. The encoder loads in the background (~110 MB) and a click is profiled
+    before it is resident: a baseline taken before that (seen with the suite run two tests at a time) charged the
+    model to the flood, +165 MB."""
+    eventually(lambda: _assert_ready(worker.web_port), timeout_s=120, interval_s=0.5)
+    time.sleep(1.0)
+    return rss_mb(worker.pid)
+
+
+@contextmanager
+def rss_samples(pid: int, interval_s: float) -> Iterator[list[float]]:
+    """The process's RSS every `interval_s` while the block runs (a thread of its own)."""
+    samples: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append(rss_mb(pid))
+            time.sleep(interval_s)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield samples
+    finally:
+        done.set()
+        sampler.join()
+
+
 def test_a_flood_of_bad_input_keeps_memory_bounded_and_is_fully_dead_lettered(stack: Stack) -> None:
     limit = stack.settings.max_event_bytes
     worker = stack.start_worker()
@@ -119,29 +150,11 @@ def test_a_flood_of_bad_input_keeps_memory_bounded_and_is_fully_dead_lettered(st
     stack.wait_for_events({"good-0"})
     produce_flood(stack, bad_messages(WARMUP, seed=1, limit=limit))
     wait_for_counted(stack, WARMUP, timeout_s=60)
-    # The encoder loads in the background (~110 MB); a click is profiled before it is resident. A baseline taken
-    # before that (seen with the suite run two tests at a time) charged the model to the flood: +165 MB.
-    eventually(lambda: _assert_ready(worker.web_port), timeout_s=120, interval_s=0.5)
-    time.sleep(1.0)
-    baseline = rss_mb(worker.pid)
-
-    samples: list[float] = []
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            samples.append(rss_mb(worker.pid))
-            time.sleep(0.2)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    baseline = settled_rss_mb(worker)
     started = time.monotonic()
-    try:
+    with rss_samples(worker.pid, interval_s=0.2) as samples:
         produce_flood(stack, bad_messages(FLOOD, seed=2, limit=limit))
         wait_for_counted(stack, WARMUP + FLOOD, timeout_s=300)
-    finally:
-        done.set()
-        sampler.join()
     elapsed = time.monotonic() - started
     after = rss_mb(worker.pid)
     peak = max(samples)
@@ -183,26 +196,10 @@ def test_a_flood_of_records_near_the_size_limit_holds_no_more_than_the_byte_budg
     worker = stack.start_worker()
     stack.produce([good_event(0)])
     stack.wait_for_events({"good-0"})
-    eventually(lambda: _assert_ready(worker.web_port), timeout_s=120, interval_s=0.5)
-    time.sleep(1.0)
-    baseline = rss_mb(worker.pid)
-    samples: list[float] = []
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            samples.append(rss_mb(worker.pid))
-            time.sleep(0.1)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    head = b'{"event_id":"f","user_id":"u","ts":1700000000,"type":"click","item_id":"'
-    try:
-        produce_flood(stack, (head + b"x" * BIG_RECORD for _ in range(BIG_FLOOD)))  # truncated JSON, near the limit
+    baseline = settled_rss_mb(worker)
+    with rss_samples(worker.pid, interval_s=0.1) as samples:
+        produce_flood(stack, (TRUNCATED_CLICK + b"x" * BIG_RECORD for _ in range(BIG_FLOOD)))  # near the limit
         wait_for_counted(stack, BIG_FLOOD, timeout_s=300)
-    finally:
-        done.set()
-        sampler.join()
     peak = max(samples)
     print(f"{BIG_FLOOD} bad records of {BIG_RECORD} B: RSS after warm-up {baseline:.0f} MB, peak {peak:.0f} MB")
     assert peak - baseline < MAX_BIG_GROWTH_MB
