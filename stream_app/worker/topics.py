@@ -20,6 +20,21 @@ class Topics:
     profile_deltas: TopicT
 
 
+class RawDecode:
+    """A raw topic's decoder: what Faust awaits for each record, and the same without a coroutine for the fetch
+    loop's direct delivery (stream_app/worker/fast_delivery.py)."""
+
+    def __init__(self, app: AppT) -> None:
+        self.app = app
+        self.event_type: Any = app.conf.Event  # what app.create_event builds, looked up once instead of per record
+
+    def now(self, message: Message) -> EventT:
+        return cast(EventT, self.event_type(self.app, message.key, message.value, message.headers, message))
+
+    async def __call__(self, message: Message, *, propagate: bool = False) -> EventT:
+        return self.now(message)
+
+
 class RawBytes(faust.Schema):
     """Bytes in, bytes out, without Faust's codec lookups (4.4 -> 0.6 us per record on the 2-core development machine).
 
@@ -31,12 +46,7 @@ class RawBytes(faust.Schema):
         super().__init__(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 
     def compile(self, app: AppT, **_error_handlers: Any) -> Any:
-        event_type: Any = app.conf.Event  # what app.create_event builds, looked up once instead of per record
-
-        async def decode(message: Message, *, propagate: bool = False) -> EventT:
-            return cast(EventT, event_type(app, message.key, message.value, message.headers, message))
-
-        return decode
+        return RawDecode(app)
 
 
 def declare_topics(app: faust.App, settings: Settings) -> Topics:

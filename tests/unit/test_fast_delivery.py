@@ -1,17 +1,23 @@
-"""The fetch loop's delivery race, without tasks when nothing blocks (stream_app/worker/fast_delivery.py)."""
+"""The fetch loop's direct delivery and its delivery race, without coroutines or tasks when nothing blocks
+(stream_app/worker/fast_delivery.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import warnings
+from collections.abc import AsyncIterator
 from typing import Any
 
+import faust
 import pytest
-from faust.transport.consumer import Consumer
+from faust.transport._cython.conductor import ConductorHandler
+from faust.transport.consumer import Consumer, ConsumerMessage
+from faust.types import TP
 from mode import Service
 from mode.utils.locks import Event
 
-from stream_app.worker import fast_delivery
+from stream_app.worker import buffers, commit_safety, fast_delivery
+from stream_app.worker.topics import RawBytes
 
 
 class FetchLoopOwner(Service):
@@ -129,10 +135,6 @@ async def test_resume_hands_a_thrown_error_to_the_coroutine() -> None:
 
 
 async def test_the_conductor_waits_for_a_resubscription_that_holds_its_handler_map() -> None:
-    import faust
-    from faust.transport.consumer import ConsumerMessage
-    from faust.types import TP
-
     fast_delivery.install()
     app = faust.App("conductor-lookup", broker="kafka://127.0.0.1:1", store="memory://")
     conductor: Any = app.topics
@@ -152,3 +154,142 @@ async def test_the_conductor_waits_for_a_resubscription_that_holds_its_handler_m
         await asyncio.sleep(0.01)
         assert not waiting.done() and delivered == [5]
     assert await asyncio.wait_for(waiting, 1) == "handled" and delivered == [5, 5]
+
+
+# The fetch loop's direct delivery (drain_messages, deliver_now), on a real Faust app, consumer and conductor
+# handler; only the broker fetch (getmany) is replaced by the records under test.
+
+CLICKS = TP("clicks", 0)
+
+
+def raw_app(name: str, buffer_bytes: int = 1 << 20) -> Any:
+    app = faust.App(name, broker="kafka://127.0.0.1:1", store="memory://")
+    buffers.install(app, buffer_bytes)
+    commit_safety.install()  # as build_app does: the fetch loop then never drops a record by its read offset
+    fast_delivery.install()
+    app.flow_control.resume()  # as after partitions are assigned
+    return app
+
+
+def record(offset: int, value: bytes = b'{"type": "click"}', tp: TP = CLICKS) -> ConsumerMessage:
+    return ConsumerMessage(tp.topic, tp.partition, offset, 0.0, 0, [], b"user-1", value, None, 6, len(value), tp)
+
+
+class Fetcher(Service):
+    """What the fetch loop reads of its fetcher: mode's stopped event."""
+
+
+def stream_channel(app: Any, **topic_options: Any) -> Any:
+    """The channel an agent reads the clicks topic through (what the conductor delivers to)."""
+    return aiter(app.topic("clicks", **(topic_options or {"schema": RawBytes()})))
+
+
+def subscribe(app: Any, *topics: Any) -> ConductorHandler:
+    handler = ConductorHandler(app.topics, CLICKS, set(topics))
+    app.topics._tp_to_callback[CLICKS] = handler
+    return handler
+
+
+async def drain(app: Any, records: list[ConsumerMessage], callback: Any = None) -> list[int]:
+    """Run the fetch loop over `records` (one fetch), then stop it. Returns the offsets Faust's delivery path
+    (the consumer's callback) was handed; the rest went straight to their queue."""
+    consumer = app.consumer
+    fetcher = Fetcher()
+    through_faust: list[int] = []
+    deliver = callback or app.topics.on_message
+
+    async def via_faust(message: ConsumerMessage) -> Any:
+        through_faust.append(message.offset)
+        return await deliver(message)
+
+    async def getmany(timeout: float) -> AsyncIterator[tuple[TP, ConsumerMessage]]:
+        for message in records:
+            yield message.tp, message
+        fetcher._stopped.set()
+
+    consumer.callback, consumer.getmany = via_faust, getmany
+    await asyncio.wait_for(fast_delivery.drain_messages(consumer, fetcher), 5)
+    return through_faust
+
+
+def drained(queue: Any) -> list[int]:
+    offsets = []
+    while not queue.empty():
+        offsets.append(queue.get_nowait().message.offset)
+    return offsets
+
+
+def test_the_pinned_faust_runs_our_fetch_loop() -> None:
+    fast_delivery.install()
+    assert faust.__version__ == fast_delivery.FETCH_LOOP_COPIED_FROM
+    assert Consumer._drain_messages is fast_delivery.drain_messages
+
+
+async def test_records_of_a_raw_stream_go_straight_to_its_queue_in_order() -> None:
+    app = raw_app("direct")
+    clicks = stream_channel(app)
+    subscribe(app, clicks)
+    records = [record(offset) for offset in (7, 8, 9)]
+    assert await drain(app, records) == []  # none took Faust's path
+    events = [clicks.queue.get_nowait() for _ in records]
+    assert [(e.message, e.key, e.value) for e in events] == [(r, r.key, r.value) for r in records]
+    assert [r.refcount for r in records] == [1, 1, 1]  # the stream's reference, acknowledged when it is done
+
+
+async def test_a_full_queue_sends_the_record_through_fausts_delivery_which_waits_for_room() -> None:
+    app = raw_app("full", buffer_bytes=64)  # one 100-byte record fills a queue
+    clicks = stream_channel(app)
+    subscribe(app, clicks)
+    big = [record(offset, b"x" * 100) for offset in (1, 2)]
+    taken: list[int] = []
+
+    async def stream() -> None:  # the agent, reading after the fetch loop has filled the queue
+        await asyncio.sleep(0.05)
+        for _ in big:
+            taken.append((await clicks.queue.get()).message.offset)
+
+    reader = asyncio.ensure_future(stream())
+    assert await drain(app, big) == [2]
+    await asyncio.wait_for(reader, 5)
+    assert taken == [1, 2]
+
+
+async def test_while_the_flow_is_suspended_a_record_takes_fausts_path() -> None:
+    app = raw_app("suspended")
+    clicks = stream_channel(app)
+    subscribe(app, clicks)
+    app.flow_control.suspend()
+    resumed = asyncio.get_running_loop().call_later(0.05, app.flow_control.resume)  # the rebalance ends
+    # Faust's handler waited for the flow to resume; the next record found it resumed.
+    assert await drain(app, [record(3), record(4)]) == [3]
+    resumed.cancel()
+    assert drained(clicks.queue) == [3, 4]
+
+
+async def test_a_partition_read_by_two_streams_or_decoded_by_faust_takes_fausts_path() -> None:
+    app = raw_app("two-streams")
+    first, second = stream_channel(app), stream_channel(app)
+    handler = subscribe(app, first, second)
+    message = record(5)
+    assert not fast_delivery.deliver_now(handler, message)
+    assert (first.queue.qsize(), second.queue.qsize(), message.refcount) == (0, 0, 0)  # nothing done
+    assert await drain(app, [message]) == [5]
+    assert drained(first.queue) == drained(second.queue) == [5] and message.refcount == 2
+
+    app = raw_app("faust-decoded")
+    typed = stream_channel(app, key_type=str, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    subscribe(app, typed)
+    assert await drain(app, [record(6)]) == [6]
+    event = typed.queue.get_nowait()
+    assert (event.key, event.message.offset) == ("user-1", 6)
+
+
+async def test_a_resubscription_in_progress_is_waited_for() -> None:
+    app = raw_app("resubscribing")
+    clicks = stream_channel(app)
+    subscribe(app, clicks)
+    lock = app.topics._tp_to_callback_lock
+    await lock.acquire()  # _update_indices rebuilding the handler map
+    asyncio.get_running_loop().call_later(0.05, lock.release)
+    assert await drain(app, [record(12)]) == [12]  # looked up through Faust's path, under the lock
+    assert drained(clicks.queue) == [12]
