@@ -10,8 +10,8 @@ partition's handler is Faust's compiled `ConductorHandler` with exactly one chan
 bytes (`RawDecode`, which cannot fail), and its queue is not full. Then it does what that handler does for one
 channel (a reference for the channel, the event built, `put_nowait_enhanced` with the handler's own pressure
 callbacks) without a coroutine. Otherwise the record takes Faust's path, unchanged. On the 2-core EPYC this
-cut the click worker's CPU from 110-133 to 90-113 us per event in three alternating pairs (docs/benchmarks.md,
-"Stop 29"). Installed only under the faust-streaming version it was copied from.
+took the click worker from 126 to 115 us of CPU per event (means of 11 alternating pairs; docs/benchmarks.md,
+"Stop 29"). Installed only under the faust-streaming release it was copied from, with its compiled extension.
 
 **The delivery race**, for the records that take Faust's path.
 
@@ -40,10 +40,9 @@ import asyncio
 import logging
 import types
 from collections.abc import Coroutine, Generator
-from typing import Any
+from typing import Any, cast
 
 import faust
-from faust.transport._cython.conductor import ConductorHandler
 from faust.transport.conductor import Conductor
 from faust.transport.consumer import CONSUMER_FETCHING, Consumer
 from faust.types import Message
@@ -55,6 +54,19 @@ log = logging.getLogger(__name__)
 
 # drain_messages is this faust-streaming release's Consumer._drain_messages but for one branch.
 FETCH_LOOP_COPIED_FROM = "0.15.3"
+
+
+def compiled_handler_type() -> type | None:
+    """The conductor's per-partition handler class when Faust's Cython extension is built (the wheels ship it);
+    without it Faust compiles closures, and deliver_now does not know their insides."""
+    try:
+        from faust.transport._cython.conductor import ConductorHandler
+    except ImportError:
+        return None
+    return cast(type, ConductorHandler)
+
+
+COMPILED_HANDLER = compiled_handler_type()
 
 _installed = False
 
@@ -126,11 +138,11 @@ def install() -> None:
         return on_message
 
     Conductor._compile_message_handler = compile_message_handler  # type: ignore[method-assign]
-    if faust.__version__ == FETCH_LOOP_COPIED_FROM:
+    if faust.__version__ == FETCH_LOOP_COPIED_FROM and COMPILED_HANDLER is not None:
         Consumer._drain_messages = drain_messages  # type: ignore[method-assign]
     else:
-        log.warning("faust-streaming %s is not %s: Faust's own fetch loop delivers every record (slower)",
-                    faust.__version__, FETCH_LOOP_COPIED_FROM)
+        log.warning("faust-streaming %s (compiled extension: %s) is not %s with it: Faust's own fetch loop delivers "
+                    "every record (slower)", faust.__version__, COMPILED_HANDLER is not None, FETCH_LOOP_COPIED_FROM)
 
 
 def deliver_now(handler: Any, message: Message) -> bool:
@@ -172,6 +184,7 @@ async def drain_messages(self: Any, fetcher: Any) -> None:
     producer_buffer = app.producer.buffer
     flow_suspended, crashed = self.suspend_flow.is_set, self._crashed.is_set
     direct = not app.client_only  # a client-only app looks its handlers up by topic alone
+    compiled_handler = COMPILED_HANDLER
 
     yield_every = 100
     num_since_yield = 0
@@ -202,7 +215,7 @@ async def drain_messages(self: Any, fetcher: Any) -> None:
                                 self._n_acked = 0
                                 await self.commit()
                         handler = handler_for(tp) if direct and not handler_map_lock.locked() else None
-                        if not (type(handler) is ConductorHandler and flow_is_active() and not flow_suspended()
+                        if not (type(handler) is compiled_handler and flow_is_active() and not flow_suspended()
                                 and not consumer_should_stop() and not crashed()
                                 and producer_buffer.size <= producer_buffer.max_messages
                                 and deliver_now(handler, message)):

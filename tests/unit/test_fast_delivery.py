@@ -11,6 +11,7 @@ from typing import Any
 import faust
 import pytest
 from faust.transport._cython.conductor import ConductorHandler
+from faust.transport.conductor import Conductor
 from faust.transport.consumer import Consumer, ConsumerMessage
 from faust.types import TP
 from mode import Service
@@ -222,7 +223,24 @@ def drained(queue: Any) -> list[int]:
 def test_the_pinned_faust_runs_our_fetch_loop() -> None:
     fast_delivery.install()
     assert faust.__version__ == fast_delivery.FETCH_LOOP_COPIED_FROM
+    assert fast_delivery.COMPILED_HANDLER is ConductorHandler
     assert Consumer._drain_messages is fast_delivery.drain_messages
+
+
+def test_another_faust_release_keeps_fausts_fetch_loop(monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    fast_delivery.install()
+    for owner, name in ((Consumer, "wait_first"), (Conductor, "_compile_message_handler")):
+        monkeypatch.setattr(owner, name, getattr(owner, name))  # put back as they are after the test
+
+    async def fausts_loop(self: Any, fetcher: Any) -> None: ...
+
+    monkeypatch.setattr(Consumer, "_drain_messages", fausts_loop)
+    monkeypatch.setattr(fast_delivery, "_installed", False)
+    monkeypatch.setattr(faust, "__version__", "0.16.0")
+    fast_delivery.install()
+    assert Consumer._drain_messages is fausts_loop
+    assert "faust-streaming 0.16.0" in caplog.text and "Faust's own fetch loop" in caplog.text
 
 
 async def test_records_of_a_raw_stream_go_straight_to_its_queue_in_order() -> None:
