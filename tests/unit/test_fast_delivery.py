@@ -172,8 +172,9 @@ def raw_app(name: str, buffer_bytes: int = 1 << 20) -> Any:
     return app
 
 
-def record(offset: int, value: bytes = b'{"type": "click"}', tp: TP = CLICKS) -> ConsumerMessage:
-    return ConsumerMessage(tp.topic, tp.partition, offset, 0.0, 0, [], b"user-1", value, None, 6, len(value), tp)
+def record(offset: int, value: bytes = b'{"type": "click"}') -> ConsumerMessage:
+    return ConsumerMessage(CLICKS.topic, CLICKS.partition, offset, 0.0, 0, [], b"user-1", value, None, 6, len(value),
+                           CLICKS)
 
 
 class Fetcher(Service):
@@ -191,13 +192,13 @@ def subscribe(app: Any, *topics: Any) -> ConductorHandler:
     return handler
 
 
-async def drain(app: Any, records: list[ConsumerMessage], callback: Any = None) -> list[int]:
+async def drain(app: Any, records: list[ConsumerMessage]) -> list[int]:
     """Run the fetch loop over `records` (one fetch), then stop it. Returns the offsets Faust's delivery path
     (the consumer's callback) was handed; the rest went straight to their queue."""
     consumer = app.consumer
     fetcher = Fetcher()
     through_faust: list[int] = []
-    deliver = callback or app.topics.on_message
+    deliver = app.topics.on_message
 
     async def via_faust(message: ConsumerMessage) -> Any:
         through_faust.append(message.offset)
